@@ -764,7 +764,9 @@ def precise_batchnorm_statistics(model, X, batch_size=1000):
         bn_param["running_mean"] = mean
         bn_param["running_var"] = m2 / divisor
         if "momentum" in bn_param and bn_param["momentum"] is None:
+            # The pooled mean is exact, so no rounding error is left to compensate.
             bn_param["running_count"] = int(count)
+            bn_param["running_mean_compensation"] = np.zeros_like(mean)
 
         test_param = {**bn_param, "mode": "test"}
         gamma, beta = model.params[f"gamma{l}"], model.params[f"beta{l}"]

@@ -612,6 +612,7 @@ def test_precise_statistics_unbiased_and_exact(data):
         bn_param = net.norm_params[l - 1]
         np.testing.assert_allclose(bn_param["running_var"], a.var(axis=0, ddof=1), rtol=1e-10)
         assert bn_param["running_count"] == 100
+        assert not np.any(bn_param["running_mean_compensation"])
 
     net.loss(data["X_train"][100:140], data["y_train"][100:140])
     assert net.norm_params[0]["running_count"] == 140
