@@ -1,6 +1,8 @@
 """Tests of bnnorm.solver: the network's state, the Solver's input checks and per-step checks,
 divergence handling, checkpoints and exact resuming, and precise batch-norm statistics."""
+import copy
 import math
+import os
 import re
 
 import numpy as np
@@ -146,6 +148,59 @@ def test_net_rejects_bad_input(data):
         FullyConnectedNet([4], reg=-1.0)
 
 
+def test_net_rejects_non_numeric_arguments():
+    with pytest.raises(TypeError, match=r"reg='0\.1' is invalid; a finite number >= 0"):
+        FullyConnectedNet([4], reg="0.1")
+    with pytest.raises(TypeError, match="reg=True is invalid"):
+        FullyConnectedNet([4], reg=True)
+    with pytest.raises(TypeError, match="weight_scale=None is invalid"):
+        FullyConnectedNet([4], weight_scale=None)
+    with pytest.raises(ValueError, match="input_dim=True is invalid"):
+        FullyConnectedNet([4], input_dim=True)
+
+
+def test_net_accepts_numpy_scalars(data):
+    net = FullyConnectedNet([np.int64(16)], input_dim=np.int32(12), num_classes=np.int64(4),
+                            reg=np.float32(0.1), weight_scale=np.float64(1e-2), seed=0)
+    loss, grads = net.loss(data["X_train"][:10], data["y_train"][:10])
+    assert math.isfinite(loss)
+    assert grads["W1"].shape == (12, 16)
+
+
+def test_net_rejects_object_input(data):
+    net = make_net()
+    with pytest.raises(TypeError, match="X has dtype object, but a numeric array"):
+        net.loss(data["X_train"][:10].astype(object))
+    with pytest.raises(TypeError, match="X has dtype complex128"):
+        net.loss(data["X_train"][:10].astype(complex))
+
+
+@pytest.mark.parametrize("normalization, options, message", [
+    ("batchnorm", {"momentun": 0.9}, "norm_options has the unknown key 'momentun' for "
+                                     "normalization='batchnorm'; the accepted keys are "
+                                     "'eps', 'momentum', 'unbiased'"),
+    ("batchnorm", {"mode": "test"}, "unknown key 'mode'"),
+    ("batchnorm", {"running_mean": np.zeros(16)}, "unknown key 'running_mean'"),
+    ("layernorm", {"momentum": 0.9}, "unknown key 'momentum' for normalization='layernorm'; "
+                                     "the accepted keys are 'eps'"),
+    (None, {"eps": 1e-3}, "norm_options={'eps': 0.001} is set, but normalization=None"),
+])
+def test_net_rejects_bad_norm_options(normalization, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_net(normalization, norm_options=options)
+
+
+def test_net_norm_options_not_dict():
+    with pytest.raises(TypeError, match="norm_options is list, but a dict"):
+        make_net("batchnorm", norm_options=[("eps", 1e-3)])
+
+
+def test_net_layernorm_eps_option(data):
+    net = make_net("layernorm", norm_options={"eps": 1e-3})
+    assert [p["eps"] for p in net.norm_params] == [1e-3, 1e-3]
+    assert make_net(None, norm_options={}).norm_params == []
+
+
 # The Solver's settings and data
 
 
@@ -191,6 +246,38 @@ def test_optim_config_key_checked_early(data):
 def test_settings_checked(data, name, value, message):
     with pytest.raises(ValueError, match=message):
         Solver(make_net(), data, **{name: value})
+
+
+@pytest.mark.parametrize("name, value, error, message", [
+    ("lr_decay", True, TypeError, "lr_decay=True is invalid"),
+    ("lr_decay", "0.9", TypeError, "lr_decay='0.9' is invalid"),
+    ("optim_config", {"learning_rate": "1e-3"}, TypeError,
+     "config['learning_rate'] of update rule 'sgd' is '1e-3', but a finite real number"),
+    ("optim_config", {"learning_rate": np.nan}, ValueError,
+     "config['learning_rate'] of update rule 'sgd' is nan, but a finite real number"),
+    ("update_rule", ["sgd"], TypeError, "update_rule=['sgd'] is invalid; pass a rule name"),
+])
+def test_settings_type_checked(data, name, value, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        Solver(make_net(), data, **{name: value})
+
+
+def test_numpy_scalar_settings_accepted(data, tmp_path):
+    solver = quiet_solver(make_net(), data, lr_decay=np.float32(0.9), batch_size=np.int64(20),
+                          num_epochs=np.int64(1), optim_config={"learning_rate": np.float32(0.1)},
+                          checkpoint_name=tmp_path / "run")
+    solver.train()
+    assert solver.epoch == 1
+    assert math.isclose(solver.optim_configs["W1"]["learning_rate"], 0.1 * 0.9, rel_tol=1e-6)
+    resumed = Solver.from_checkpoint(tmp_path / "run_epoch_1.npz", make_net(), data)
+    assert math.isclose(resumed.lr_decay, 0.9, rel_tol=1e-6)
+    assert resumed.batch_size == 20
+
+
+def test_data_object_x(data):
+    data["X_train"] = data["X_train"].astype(object)
+    with pytest.raises(TypeError, match="X_train has dtype object, but a numeric array"):
+        Solver(make_net(), data)
 
 
 def test_data_missing_keys(data):
@@ -262,12 +349,15 @@ def wide_net():
     (lambda g: g.update(gamma1=g["b1"]), r"missing keys \[\], extra keys \['gamma1'\]"),
     (lambda g: g.update(b1=g["b1"][None]), r"grads\['b1'\] has shape \(1, 100\), but the "
                                            r"parameter 'b1' has shape \(100,\)"),
+    (lambda g: g.update(b1=None), r"grads\['b1'\] is None, but an array of shape \(100,\)"),
+    (lambda g: g.update(W2=g["W2"].tolist()), r"grads\['W2'\] is a list, but a NumPy array "
+                                               r"of shape \(100, 4\)"),
 ])
 def test_grads_mismatch_raises(data, tamper, message):
     net = wide_net()
     before = {name: value.copy() for name, value in net.params.items()}
     solver = quiet_solver(GradientTampering(net, tamper), data)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         solver.train()
     for name, value in before.items():
         assert np.array_equal(net.params[name], value), f"{name} changed before the error"
@@ -306,6 +396,74 @@ def test_bad_update_result_raises(data, rule, error, message):
     assert solver.loss_history == [], "the error must come before the first step ends"
 
 
+class LossReplacing(GradientTampering):
+    "Wrap a model and return replace(loss) in place of the loss its training loss returns."
+
+    def __init__(self, model, replace):
+        super().__init__(model, lambda grads: None)
+        self.replace = replace
+
+    def loss(self, X, y=None):
+        if y is None:
+            return self.model.loss(X)
+        loss, grads = self.model.loss(X, y)
+        return self.replace(loss), grads
+
+
+@pytest.mark.parametrize("replace, message", [
+    (lambda loss: np.full(20, loss), "the model's loss returned a loss of type ndarray with "
+                                     "shape (20,), but a real scalar is expected"),
+    (lambda loss: str(loss), "the model's loss returned a loss of type str"),
+])
+def test_non_scalar_loss_raises(data, replace, message):
+    solver = quiet_solver(LossReplacing(wide_net(), replace), data)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        solver.train()
+
+
+def test_loss_not_a_pair_raises(data):
+    model = GradientTampering(wide_net(), lambda grads: None)
+    model.loss = lambda X, y=None: model.model.loss(X) if y is None else 1.0
+    with pytest.raises(TypeError, match=r"returned float, but a pair \(loss, grads\)"):
+        quiet_solver(model, data).train()
+
+
+def test_failed_update_changes_nothing(data):
+    # The rule sees W1, b1, W2, b2, W3, b3 in each step, so call 14 is b1 in the third step.
+    num_params, failing_call = 6, 6 * 2 + 2
+
+    def momentum_failing_on_b1(w, dw, config=None):
+        calls.append(w.shape)
+        if len(calls) == failing_call:
+            return None
+        return sgd_momentum(w, dw, config)
+
+    calls, snapshots = [], []
+    net = make_net()
+    solver = quiet_solver(net, data, update_rule=momentum_failing_on_b1)
+    training_loss = net.loss
+
+    def recording_loss(X, y=None):
+        if y is not None:
+            params = {name: value.copy() for name, value in net.params.items()}
+            snapshots.append((params, copy.deepcopy(solver.optim_configs)))
+        return training_loss(X, y)
+
+    net.loss = recording_loss
+    with pytest.raises(TypeError, match="for parameter 'b1' returned None"):
+        solver.train()
+    assert len(net.params) == num_params
+    assert calls[failing_call - 1] == (16,), "the rule must fail on b1, after the rule for W1 ran"
+    params_before, configs_before = snapshots[-1]
+    for name, value in params_before.items():
+        assert np.array_equal(net.params[name], value), f"{name} changed by the failed step"
+    assert sorted(solver.optim_configs) == sorted(configs_before)
+    for name, config in configs_before.items():
+        assert sorted(solver.optim_configs[name]) == sorted(config), name
+        for key, value in config.items():
+            assert np.array_equal(solver.optim_configs[name][key], value), f"{name}[{key!r}]"
+
+
 # Training loop
 
 
@@ -321,6 +479,17 @@ class BatchRecorder:
             return X @ self.params["W"]
         self.batches.append(X[:, 0].astype(int).tolist())
         return 1.0, {"W": np.zeros((2, 3))}
+
+
+def test_check_accuracy_rejects_bad_samples(data):
+    solver = quiet_solver(make_net(), data)
+    with pytest.raises(ValueError, match=r"X has shape \(0, 12\), so no samples, but "
+                                         r"check_accuracy needs at least one"):
+        solver.check_accuracy(data["X_val"][:0], data["y_val"][:0])
+    with pytest.raises(ValueError, match=r"y has shape \(59,\), but X has 60 samples"):
+        solver.check_accuracy(data["X_val"], data["y_val"][:-1])
+    with pytest.raises(ValueError, match="num_samples=0 is invalid"):
+        solver.check_accuracy(data["X_val"], data["y_val"], num_samples=0)
 
 
 def test_minibatches_without_replacement():
@@ -466,8 +635,20 @@ def test_checkpoint_files_and_contents(data, tmp_path):
 
 def test_checkpoint_write_is_atomic(data, tmp_path, monkeypatch):
     name = tmp_path / "blobs"
+    replacements, real_replace = [], os.replace
+
+    def recording_replace(source, destination):
+        replacements.append((os.fspath(source), os.fspath(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
     solver = quiet_solver(make_net(), data, checkpoint_name=name, num_epochs=1)
     solver.train()
+    assert len(replacements) == 1
+    source, destination = replacements[0]
+    assert destination == os.fspath(tmp_path / "blobs_epoch_1.npz")
+    assert os.path.dirname(source) == os.fspath(tmp_path)
+    assert os.path.basename(source).startswith(".blobs_epoch_1.npz.")
     first = (tmp_path / "blobs_epoch_1.npz").read_bytes()
 
     def failing_savez(file, **arrays):
@@ -499,6 +680,10 @@ def interrupting(rule, after_calls):
 
 @pytest.mark.parametrize("norm_options", [{"momentum": 0.9}, {"momentum": None}])
 def test_resume_after_interrupt_matches(data, tmp_path, norm_options):
+    # Noise makes the classes overlap, so the training accuracy on a random subset of 50
+    # samples depends on which subset the restored sample generator draws.
+    noise = np.random.default_rng(5).normal(scale=3.0, size=data["X_train"].shape)
+    data = {**data, "X_train": data["X_train"] + noise}
     settings = dict(update_rule=sgd_momentum, optim_config={"learning_rate": 0.05},
                     lr_decay=0.9, num_epochs=4, num_train_samples=50)
     uninterrupted = make_net("batchnorm", norm_options=norm_options)
@@ -522,8 +707,10 @@ def test_resume_after_interrupt_matches(data, tmp_path, norm_options):
     for name, value in fresh.state_dict().items():
         assert np.array_equal(value, expected[name]), f"{name} differs after resuming"
     assert resumed.loss_history == reference.loss_history
+    assert resumed.train_acc_history == reference.train_acc_history
     assert resumed.val_acc_history == reference.val_acc_history
     assert resumed.best_val_acc == reference.best_val_acc
+    assert len(set(reference.train_acc_history[2:])) > 1, "the accuracies must vary per subset"
 
 
 def test_resume_with_more_epochs(data, tmp_path):
