@@ -143,6 +143,45 @@ def _read_bn_param(bn_param, D):
         bn_param.setdefault(key, value)
     return mode, eps, momentum, unbiased
 
+# %% ../nbs/01_batchnorm.ipynb #c016b
+_BLOCK_BYTES = 1 << 20  # bytes of rows per block, small enough to stay in the CPU cache
+
+
+def _rows_per_block(a):
+    "Return the number of rows of the 2-D array `a` in a block of about 1 MiB (at least 1)."
+    return max(1, _BLOCK_BYTES // max(1, a.shape[1] * a.itemsize))
+
+
+def _row_blocks(a):
+    "Return slices that split the rows of the 2-D array `a` into blocks of about 1 MiB."
+    step = _rows_per_block(a)
+    return [slice(start, start + step) for start in range(0, a.shape[0], step)]
+
+
+def _column_sum(x):
+    "Sum x (N, D) over its rows into (D,), as BLAS products with ones on blocks of rows."
+    if x.nbytes <= _BLOCK_BYTES:  # a single block needs no loop, whose overhead shows here
+        return np.ones(len(x), x.dtype) @ x
+    ones = np.ones(_rows_per_block(x), x.dtype)
+    total = np.zeros(x.shape[1], x.dtype)
+    for rows in _row_blocks(x):
+        block = x[rows]
+        total += ones[:len(block)] @ block
+    return total
+
+
+def _scale_shift(xmu, scale, shift):
+    "Return xmu * scale + shift for xmu (N, D) and scale, shift (D,), a block of rows at a time."
+    if xmu.nbytes <= _BLOCK_BYTES:
+        out = xmu * scale
+        out += shift
+        return out
+    out = np.empty_like(xmu)
+    for rows in _row_blocks(xmu):
+        np.multiply(xmu[rows], scale, out=out[rows])
+        out[rows] += shift
+    return out
+
 # %% ../nbs/01_batchnorm.ipynb #c017
 class BatchNormCache(NamedTuple):
     "Values that `batchnorm_forward` keeps for the backward pass."
@@ -156,8 +195,7 @@ def _batchnorm_test_forward(x, gamma, beta, bn_param, eps):
     "Normalize x (N, D) with the running statistics in bn_param; return out (N, D) and the cache."
     std = np.sqrt(np.asarray(bn_param["running_var"]) + eps).astype(x.dtype)
     xmu = x - np.asarray(bn_param["running_mean"]).astype(x.dtype)
-    out = xmu * (gamma / std)
-    out += beta
+    out = _scale_shift(xmu, gamma / std, beta)
     return out, BatchNormCache(xmu, gamma, std, "test")
 
 # %% ../nbs/01_batchnorm.ipynb #c019
@@ -180,13 +218,12 @@ def batchnorm_forward(x, gamma, beta, bn_param):
                          "statistics are undefined. Use a batch of 2 or more, or mode 'test'.")
 
     # BLAS sums in blocks, so in float32 this is more accurate than x.mean(axis=0).
-    mu = np.ones(N, dtype=x.dtype) @ x / N
+    mu = _column_sum(x) / N
     xmu = x - mu
     var = np.einsum("nd,nd->d", xmu, xmu) / N
     std = np.sqrt(var + eps)
 
-    out = xmu * (gamma / std)
-    out += beta
+    out = _scale_shift(xmu, gamma / std, beta)
 
     _update_running_stats(bn_param, mu, var, xmu)
     return out, BatchNormCache(xmu, gamma, std, "train")
@@ -298,11 +335,28 @@ def batchnorm_backward_alt(dout, cache):
     if mode == "test":
         return dout * (gamma / std), dgamma, dbeta
 
+    if dout.nbytes > _BLOCK_BYTES:
+        return _collapsed_dx_in_blocks(dout, cache, dgamma, dbeta), dgamma, dbeta
     dx = xmu * (-dgamma / (N * std))
     dx += dout
     dx -= dbeta / N
     dx *= gamma / std
     return dx, dgamma, dbeta
+
+
+def _collapsed_dx_in_blocks(dout, cache, dgamma, dbeta):
+    "Return the dx (N, D) of `batchnorm_backward_alt` by the same four steps on blocks of rows."
+    xmu, gamma, std, _ = cache
+    N = dout.shape[0]
+    xmu_factor, dout_mean, scale = -dgamma / (N * std), dbeta / N, gamma / std
+    dx = np.empty_like(dout)
+    for rows in _row_blocks(dx):
+        block = dx[rows]
+        np.multiply(xmu[rows], xmu_factor, out=block)
+        block += dout[rows]
+        block -= dout_mean
+        block *= scale
+    return dx
 
 # %% ../nbs/01_batchnorm.ipynb #c064
 def bn_param_from_torch(momentum=0.1, eps=1e-5):

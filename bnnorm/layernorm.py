@@ -88,9 +88,33 @@ def layernorm_backward(dout, cache):
 
     dx = dxhat
     dx -= mean_dxhat
-    dx -= xhat * mean_dxhat_xhat
+    _subtract_scaled_rows(dx, xhat, mean_dxhat_xhat)  # dx -= xhat * mean_dxhat_xhat
     dx *= rstd
     return dx, dgamma, dbeta
+
+# %% ../nbs/02_layernorm.ipynb #287b78d6
+_BLOCK_BYTES = 1 << 20  # scratch bytes of _subtract_scaled_rows, small enough to stay in cache
+
+
+def _subtract_scaled_rows(dx, xhat, scale):
+    """Subtract xhat * scale from dx in place, a block of rows at a time.
+
+    dx, xhat: (..., D); scale: (..., 1), one factor per sample. Returns dx.
+    """
+    if dx.nbytes <= _BLOCK_BYTES or not dx.flags.c_contiguous:
+        dx -= xhat * scale
+        return dx
+
+    D = dx.shape[-1]
+    rows_dx, rows_xhat, rows_scale = dx.reshape(-1, D), xhat.reshape(-1, D), scale.reshape(-1, 1)
+    step = max(1, _BLOCK_BYTES // (D * dx.itemsize))
+    scratch = np.empty((step, D), dx.dtype)
+    for start in range(0, len(rows_dx), step):
+        block = rows_dx[start:start + step]
+        product = scratch[:len(block)]
+        np.multiply(rows_xhat[start:start + step], rows_scale[start:start + step], out=product)
+        block -= product
+    return dx
 
 # %% ../nbs/02_layernorm.ipynb #f1c33bcd
 from .batchnorm import batchnorm_backward_alt, batchnorm_forward
