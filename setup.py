@@ -15,14 +15,12 @@ missing = [key for key in expected if key not in cfg]
 if missing:
     raise SystemExit(f"settings.ini is missing the keys {missing}; add them under [DEFAULT].")
 
-licenses = {
-    "apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License"),
-    "mit": ("MIT License", "OSI Approved :: MIT License"),
-}
+# SPDX identifiers: setuptools 77 and newer deprecate the "License ::" classifiers.
+licenses = {"apache2": "Apache-2.0", "mit": "MIT"}
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable"]
 py_versions = "3.9 3.10 3.11 3.12 3.13".split()
 
-lic = licenses.get(cfg["license"].lower(), (cfg["license"], None))
+license_expression = licenses.get(cfg["license"].lower(), cfg["license"])
 min_python = cfg["min_python"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
@@ -33,14 +31,13 @@ with open("README.md", encoding="utf-8") as f:
 
 setuptools.setup(
     name=cfg["lib_name"],
-    license=lic[0],
+    license=license_expression,
     classifiers=[
         "Development Status :: " + statuses[int(cfg.get("status", "3")) - 1],
         "Intended Audience :: " + cfg.get("audience", "Developers").title(),
         "Natural Language :: " + cfg.get("language", "English").title(),
     ]
-    + ["Programming Language :: Python :: " + v for v in py_versions[py_versions.index(min_python):]]
-    + (["License :: " + lic[1]] if lic[1] else []),
+    + ["Programming Language :: Python :: " + v for v in py_versions[py_versions.index(min_python):]],
     url=cfg["git_url"],
     packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
     include_package_data=True,
