@@ -20,20 +20,23 @@ def _as_float(a, name):
         return a
     if np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_):
         return a.astype(np.float64)
-    raise TypeError(f"{name} has dtype {a.dtype}; expected a floating, integer or boolean array")
+    raise TypeError(f"{name} has dtype {a.dtype}, but a floating, integer or boolean array is "
+                    "expected. Convert it to real numbers first, for example with "
+                    "np.asarray(value, dtype=np.float64).")
 
 
 def _check_inputs(x, gamma, beta):
     "Return x (N, D), gamma (D,) and beta (D,) as arrays of the floating dtype of x, or raise."
     x = _as_float(x, "x")
     if x.ndim != 2:
-        raise ValueError(f"x has shape {x.shape}; batch norm expects a 2-D array (N, D). "
+        raise ValueError(f"x has shape {x.shape}, but batch norm expects a 2-D array (N, D). "
                          "Reshape the input to (N, D) first.")
     D = x.shape[1]
     gamma, beta = _as_float(gamma, "gamma"), _as_float(beta, "beta")
     if gamma.shape != (D,) or beta.shape != (D,):
-        raise ValueError(f"gamma has shape {gamma.shape} and beta has shape {beta.shape}; "
-                         f"both must be ({D},), one entry per feature of x {x.shape}")
+        raise ValueError(f"gamma has shape {gamma.shape} and beta has shape {beta.shape}, but "
+                         f"both must have shape ({D},), one entry per feature of x with shape "
+                         f"{x.shape}. Pass one scale and one shift per column of x.")
     return x, gamma.astype(x.dtype, copy=False), beta.astype(x.dtype, copy=False)
 
 # %% ../nbs/01_batchnorm.ipynb #c008
@@ -52,28 +55,30 @@ def _check_momentum(momentum):
     if momentum is None:
         return None
     if not _is_real(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"bn_param['momentum'] is {momentum!r}; expected a number in [0, 1), "
-                         "the weight of the old running value (0.9 keeps 90% of it), or None "
-                         "for exact cumulative statistics")
+        raise ValueError(f"bn_param['momentum'] is {momentum!r}, but a number in [0, 1) is "
+                         "expected, the weight of the old running value (0.9 keeps 90% of it). "
+                         "Set a number in that range, or None for exact cumulative statistics.")
     return float(momentum)
 
 # %% ../nbs/01_batchnorm.ipynb #c009
 def _check_settings(bn_param):
     "Return mode, eps, momentum and unbiased from bn_param, with defaults, or raise ValueError."
     if "mode" not in bn_param:
-        raise ValueError("bn_param['mode'] is missing; set it to 'train' or 'test'")
+        raise ValueError("bn_param['mode'] is missing. Set it to 'train' or 'test'.")
     mode = bn_param["mode"]
     if not isinstance(mode, str) or mode not in ("train", "test"):
-        raise ValueError(f"bn_param['mode'] is {mode!r}; expected 'train' or 'test'")
+        raise ValueError(f"bn_param['mode'] is {mode!r}, but 'train' or 'test' is expected. Use "
+                         "'train' while fitting and 'test' for prediction.")
 
     eps = bn_param.get("eps", 1e-5)
     if not _is_real(eps) or not 0 < eps < np.inf:
-        raise ValueError(f"bn_param['eps'] is {eps!r}; expected a positive finite number such as "
-                         "1e-5")
+        raise ValueError(f"bn_param['eps'] is {eps!r}, but a positive finite number is expected. "
+                         "Use the default 1e-5 or another small positive value.")
     momentum = _check_momentum(bn_param.get("momentum", 0.9))
     unbiased = bn_param.get("unbiased", False)
     if not isinstance(unbiased, (bool, np.bool_)):
-        raise ValueError(f"bn_param['unbiased'] is {unbiased!r}; expected True or False")
+        raise ValueError(f"bn_param['unbiased'] is {unbiased!r}, but True or False is expected. "
+                         "Set True to store the unbiased variance as PyTorch does, or False.")
     return mode, float(eps), momentum, bool(unbiased)
 
 # %% ../nbs/01_batchnorm.ipynb #c011
@@ -81,22 +86,24 @@ def _check_running_stat(bn_param, key, D):
     "Raise ValueError unless bn_param[key] is a finite (D,) array, non-negative if running_var."
     value = _as_float(bn_param[key], f"bn_param[{key!r}]")
     if value.shape != (D,):
-        raise ValueError(f"bn_param[{key!r}] has shape {value.shape}; expected ({D},), one entry "
-                         "per feature of x")
+        raise ValueError(f"bn_param[{key!r}] has shape {value.shape}, but ({D},) is expected, one "
+                         "entry per feature of x. Restore it from a checkpoint of this layer, or "
+                         "delete the key to start from the default.")
     if not np.all(np.isfinite(value)):
-        raise ValueError(f"bn_param[{key!r}] contains NaN or infinite entries; restore it from a "
+        raise ValueError(f"bn_param[{key!r}] contains NaN or infinite entries. Restore it from a "
                          "checkpoint or delete the key to start from the default")
     if key == "running_var" and np.any(value < 0):
         raise ValueError(f"bn_param['running_var'] contains negative entries (minimum "
-                         f"{value.min()}); a variance cannot be negative, so restore it from a "
+                         f"{value.min()}), but a variance cannot be negative. Restore it from a "
                          "checkpoint or delete the key to start from ones")
 
 
 def _check_running_count(count):
     "Raise ValueError unless `count` is a non-negative integer."
     if not isinstance(count, numbers.Integral) or isinstance(count, (bool, np.bool_)) or count < 0:
-        raise ValueError(f"bn_param['running_count'] is {count!r}; expected a non-negative "
-                         "integer, the number of samples the running statistics summarize")
+        raise ValueError(f"bn_param['running_count'] is {count!r}, but a non-negative integer is "
+                         "expected, the number of samples the running statistics summarize. Set "
+                         "it to 0 to restart the exact statistics from the next batch.")
 
 # %% ../nbs/01_batchnorm.ipynb #c013
 def _check_statistics_kind(bn_param, momentum):
@@ -116,15 +123,16 @@ def _check_statistics_kind(bn_param, momentum):
                          "with a moving average that starts from them.")
 
 # %% ../nbs/01_batchnorm.ipynb #c014
-def _read_bn_param(bn_param, D):
-    "Validate bn_param, fill in its missing keys, and return mode, eps, momentum and unbiased."
+def _check_bn_param(bn_param, D):
+    "Validate bn_param without changing it, and return mode, eps, momentum and unbiased."
     if not isinstance(bn_param, dict):
-        raise TypeError(f"bn_param is a {type(bn_param).__name__}; expected a dict such as "
-                        "{'mode': 'train'}")
+        raise TypeError(f"bn_param is a {type(bn_param).__name__}, but a dict such as "
+                        "{'mode': 'train'} is expected. Pass a dict, because batch norm stores "
+                        "its running statistics in it.")
     unknown = sorted(map(repr, set(bn_param) - set(BN_PARAM_KEYS)))
     if unknown:
-        raise ValueError(f"bn_param has unknown keys {', '.join(unknown)}; the known keys are "
-                         f"{', '.join(BN_PARAM_KEYS)}")
+        raise ValueError(f"bn_param has unknown keys {', '.join(unknown)}, but the known keys are "
+                         f"{', '.join(BN_PARAM_KEYS)}. Correct the spelling or remove the keys.")
     mode, eps, momentum, unbiased = _check_settings(bn_param)
     _check_statistics_kind(bn_param, momentum)
     for key in ("running_mean", "running_var"):
@@ -134,17 +142,20 @@ def _read_bn_param(bn_param, D):
         _check_running_count(bn_param["running_count"])
     if "running_mean_compensation" in bn_param:
         _check_running_stat(bn_param, "running_mean_compensation", D)
+    return mode, eps, momentum, unbiased
 
+
+def _fill_bn_param_defaults(bn_param, D, eps, momentum, unbiased):
+    "Add the keys that a validated bn_param for D features lacks, with their default values."
     defaults = dict(eps=eps, momentum=momentum, unbiased=unbiased, running_mean=np.zeros(D),
                     running_var=np.ones(D))
     if momentum is None:
         defaults.update(running_count=0, running_mean_compensation=np.zeros(D))
     for key, value in defaults.items():
         bn_param.setdefault(key, value)
-    return mode, eps, momentum, unbiased
 
 # %% ../nbs/01_batchnorm.ipynb #c016b
-_BLOCK_BYTES = 1 << 20  # bytes of rows per block, small enough to stay in the CPU cache
+_BLOCK_BYTES = 1 << 20  # size of a block of rows in bytes, small enough to stay in the CPU cache
 
 
 def _rows_per_block(a):
@@ -182,6 +193,46 @@ def _scale_shift(xmu, scale, shift):
         out[rows] += shift
     return out
 
+
+def _centre_columns(x):
+    """Return the column mean mu (D,), the centred x - mu (N, D) and the biased variance (D,) of x.
+
+    x: (N, D). The sums run over d = x - x[0], which is exact for values within a factor of 2 of
+    each other and small where a column has a large offset. mu = x[0] + mean(d) is formed in
+    float64, which is exact for float32 x, and the centred values are d - (mu - x[0]), so that
+    x = mu + xmu up to the rounding of xmu alone. mu is float64 (wider if x is wider).
+    """
+    N, D = x.shape
+    shift = x[0]
+    if x.nbytes <= _BLOCK_BYTES:
+        xmu = x - shift
+        mu, mean_shifted = _add_shift(shift, _column_sum(xmu) / N)
+        xmu -= mean_shifted
+        var = np.einsum("nd,nd->d", xmu, xmu) / N
+    else:
+        # Two passes over blocks of rows, each block staying in the cache: shift and sum, then
+        # centre and square. That reads x once and xmu once, and writes xmu twice.
+        xmu = np.empty_like(x)
+        ones, total = np.ones(_rows_per_block(x), x.dtype), np.zeros(D, x.dtype)
+        for rows in _row_blocks(x):
+            block = np.subtract(x[rows], shift, out=xmu[rows])
+            total += ones[:len(block)] @ block
+        mu, mean_shifted = _add_shift(shift, total / N)
+
+        sum_sq = np.zeros(D, x.dtype)
+        for rows in _row_blocks(xmu):
+            block = xmu[rows]
+            block -= mean_shifted
+            sum_sq += np.einsum("nd,nd->d", block, block)
+        var = sum_sq / N
+    return mu, xmu, var
+
+
+def _add_shift(shift, mean_shifted):
+    "Return mu = shift + mean_shifted in float64 or wider, and mu - shift in the dtype of shift."
+    mu = np.add(shift, mean_shifted, dtype=np.result_type(shift.dtype, np.float64))
+    return mu, (mu - shift).astype(shift.dtype, copy=False)
+
 # %% ../nbs/01_batchnorm.ipynb #c017
 class BatchNormCache(NamedTuple):
     "Values that `batchnorm_forward` keeps for the backward pass."
@@ -199,44 +250,58 @@ def _batchnorm_test_forward(x, gamma, beta, bn_param, eps):
     return out, BatchNormCache(xmu, gamma, std, "test")
 
 # %% ../nbs/01_batchnorm.ipynb #c019
+def _check_finite_statistics(mu, var):
+    "Raise ValueError naming the columns of x whose batch mean mu or variance var is not finite."
+    bad = np.flatnonzero(~(np.isfinite(mu) & np.isfinite(var)))
+    if len(bad):
+        listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise ValueError(f"x has NaN or infinite values, or values so large that the statistics "
+                         f"overflow, in {len(bad)} of {len(mu)} columns (columns {listed}), so the "
+                         "batch mean or variance is not finite. bn_param was left unchanged. Find "
+                         "where the values come from, such as a diverged earlier layer, and pass "
+                         "finite input.")
+
+
 def batchnorm_forward(x, gamma, beta, bn_param):
     """Normalize each feature of x over the batch, then scale it by gamma and shift it by beta.
 
     x: (N, D); gamma, beta: (D,). bn_param: a dict with the required key 'mode' ('train' or
     'test') and optional keys from `BN_PARAM_KEYS`. Missing keys are filled in with defaults, and
-    train mode updates the running statistics in it.
+    train mode updates the running statistics in it. A call that raises leaves bn_param unchanged.
     Returns out (N, D) and a `BatchNormCache` for the backward functions.
     """
     x, gamma, beta = _check_inputs(x, gamma, beta)
     N, D = x.shape
-    mode, eps, momentum, unbiased = _read_bn_param(bn_param, D)
+    mode, eps, momentum, unbiased = _check_bn_param(bn_param, D)
     if mode == "test":
+        _fill_bn_param_defaults(bn_param, D, eps, momentum, unbiased)
         return _batchnorm_test_forward(x, gamma, beta, bn_param, eps)
     if N < 2:
-        raise ValueError(f"x has shape {x.shape}: batch norm in train mode needs at least 2 "
+        raise ValueError(f"x has shape {x.shape}, but batch norm in train mode needs at least 2 "
                          "samples, because one sample has zero batch variance, so training "
                          "statistics are undefined. Use a batch of 2 or more, or mode 'test'.")
 
-    # BLAS sums in blocks, so in float32 this is more accurate than x.mean(axis=0).
-    mu = _column_sum(x) / N
-    xmu = x - mu
-    var = np.einsum("nd,nd->d", xmu, xmu) / N
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite statistics raise below
+        mu, xmu, var = _centre_columns(x)  # accurate in float32 at large offsets, see Numerics
+    _check_finite_statistics(mu, var)
     std = np.sqrt(var + eps)
 
     out = _scale_shift(xmu, gamma / std, beta)
 
+    _fill_bn_param_defaults(bn_param, D, eps, momentum, unbiased)
     _update_running_stats(bn_param, mu, var, xmu)
     return out, BatchNormCache(xmu, gamma, std, "train")
 
 # %% ../nbs/01_batchnorm.ipynb #c021
 def _update_running_stats(bn_param, mu, var, xmu):
-    "Fold the batch mean mu (D,) and biased variance var (D,) of xmu (N, D) into bn_param."
+    "Fold the batch mean mu (D,), biased variance var (D,) and centred xmu (N, D) into bn_param."
     N = xmu.shape[0]
     momentum = bn_param["momentum"]
     if momentum is None:
         _merge_running_stats(bn_param, mu, xmu)
         return
     batch_var = var * (N / (N - 1)) if bn_param["unbiased"] else var
+    mu = mu.astype(xmu.dtype)  # in the dtype of x, so that float32 running statistics stay float32
     bn_param["running_mean"] = momentum * bn_param["running_mean"] + (1 - momentum) * mu
     bn_param["running_var"] = momentum * bn_param["running_var"] + (1 - momentum) * batch_var
 
@@ -248,11 +313,14 @@ def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     arrays of one shape, such as (D,). Returns (count, mean, m2); the variance is m2 / count.
     """
     for name, count in (("count_a", count_a), ("count_b", count_b)):
-        if not isinstance(count, numbers.Integral) or count < 0:
-            raise ValueError(f"{name} is {count!r}; expected a non-negative integer")
+        if not isinstance(count, numbers.Integral) or isinstance(count, (bool, np.bool_)) \
+                or count < 0:
+            raise ValueError(f"{name} is {count!r}, but a non-negative integer (not a bool) is "
+                             "expected. Pass the number of samples in the group.")
     count = count_a + count_b
     if count == 0:
-        raise ValueError("count_a and count_b are both 0; merging needs at least one sample")
+        raise ValueError("count_a and count_b are both 0, but merging needs at least one "
+                         "sample. Pass at least one non-empty group.")
 
     delta = mean_b - mean_a
     mean = mean_a + delta * (count_b / count)
@@ -283,12 +351,13 @@ def _merge_running_stats(bn_param, mu, xmu):
 
 # %% ../nbs/01_batchnorm.ipynb #c037
 def _check_dout(dout, cache):
-    "Return dout as a float array of the forward output's shape, or raise ValueError."
+    "Return dout (N, D) in the common floating dtype of dout and the cache, or raise ValueError."
     dout = _as_float(dout, "dout")
     if dout.shape != cache.xmu.shape:
-        raise ValueError(f"dout has shape {dout.shape}; expected {cache.xmu.shape}, the shape of "
-                         "the forward output")
-    return dout
+        raise ValueError(f"dout has shape {dout.shape}, but {cache.xmu.shape} is expected, the "
+                         "shape of the forward output. Pass the gradient with respect to the "
+                         "output of the forward call that returned this cache.")
+    return dout.astype(np.result_type(cache.xmu.dtype, dout.dtype), copy=False)
 
 # %% ../nbs/01_batchnorm.ipynb #c038
 def batchnorm_backward(dout, cache):
@@ -349,7 +418,7 @@ def _collapsed_dx_in_blocks(dout, cache, dgamma, dbeta):
     xmu, gamma, std, _ = cache
     N = dout.shape[0]
     xmu_factor, dout_mean, scale = -dgamma / (N * std), dbeta / N, gamma / std
-    dx = np.empty_like(dout)
+    dx = np.empty_like(dout, dtype=np.result_type(xmu.dtype, dout.dtype, scale.dtype))
     for rows in _row_blocks(dx):
         block = dx[rows]
         np.multiply(xmu[rows], xmu_factor, out=block)

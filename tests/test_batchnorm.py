@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import bnnorm
@@ -42,7 +42,8 @@ def test_installed_package_imports():
 
 @pytest.mark.parametrize("mode", ["eval", "Train", "", None, 0])
 def test_forward_rejects_bad_mode(mode):
-    with pytest.raises(ValueError, match=r"bn_param\['mode'\] is .*expected 'train' or 'test'"):
+    with pytest.raises(ValueError,
+                       match=r"bn_param\['mode'\] is .*, but 'train' or 'test' is expected"):
         batchnorm_forward(np.ones((3, 2)), np.ones(2), np.zeros(2), {"mode": mode})
 
 
@@ -56,7 +57,8 @@ def test_forward_rejects_missing_mode():
 def test_forward_rejects_parameter_shapes(gamma_shape, beta_shape):
     gamma, beta = np.ones(gamma_shape), np.zeros(beta_shape)
     pattern = (rf"gamma has shape {re_shape(gamma_shape)} and beta has shape "
-               rf"{re_shape(beta_shape)}; both must be \(2,\)")
+               rf"{re_shape(beta_shape)}, but both must have shape \(2,\).*Pass one scale and "
+               r"one shift per column of x\.")
     with pytest.raises(ValueError, match=pattern):
         batchnorm_forward(np.ones((4, 2)), gamma, beta, {"mode": "train"})
 
@@ -69,7 +71,8 @@ def re_shape(shape):
 @pytest.mark.parametrize("shape", [(4,), (4, 2, 3), (), (2, 2, 2, 2)])
 @pytest.mark.parametrize("mode", ["train", "test"])
 def test_forward_rejects_x_not_2d(shape, mode):
-    with pytest.raises(ValueError, match=rf"x has shape {re_shape(shape)}; .*2-D array \(N, D\)"):
+    with pytest.raises(ValueError,
+                       match=rf"x has shape {re_shape(shape)}, but .*2-D array \(N, D\)"):
         batchnorm_forward(np.ones(shape), np.ones(2), np.zeros(2), {"mode": mode})
 
 
@@ -95,7 +98,8 @@ def test_forward_rejects_bad_running_var(value, mode):
 
 @pytest.mark.parametrize("key", ["running_mean", "running_var"])
 def test_forward_rejects_running_stat_shape(key):
-    with pytest.raises(ValueError, match=rf"bn_param\['{key}'\] has shape \(4,\); expected \(3,\)"):
+    with pytest.raises(ValueError,
+                       match=rf"bn_param\['{key}'\] has shape \(4,\), but \(3,\) is expected"):
         bn_param = {"mode": "test", key: np.ones(4)}
         batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3), bn_param)
 
@@ -119,18 +123,19 @@ def test_forward_rejects_bad_unbiased(unbiased):
 
 
 def test_forward_rejects_unknown_key():
-    with pytest.raises(ValueError, match=r"unknown keys 'momentun'; the known keys are mode, "):
+    with pytest.raises(ValueError, match=r"unknown keys 'momentun', but the known keys are mode, "):
         forward_train(np.ones((3, 2)), momentun=0.9)
 
 
 def test_forward_rejects_non_dict_bn_param():
-    with pytest.raises(TypeError, match="bn_param is a list; expected a dict"):
+    with pytest.raises(TypeError, match="bn_param is a list, but a dict"):
         batchnorm_forward(np.ones((3, 2)), np.ones(2), np.zeros(2), ["train"])
 
 
 @pytest.mark.parametrize("x", [np.array([["a", "b"], ["c", "d"]]), np.ones((3, 2)) * 1j])
 def test_forward_rejects_non_real_x(x):
-    with pytest.raises(TypeError, match="x has dtype .*expected a floating, integer or boolean"):
+    with pytest.raises(TypeError, match="x has dtype .*but a floating, integer or boolean array is "
+                                        "expected. Convert it to real numbers first"):
         forward_train(x)
 
 
@@ -143,10 +148,51 @@ def test_rejected_bn_param_is_left_unchanged(bad):
     assert sorted(bn_param) == sorted(["mode", *bad])
 
 
+def test_single_sample_rejection_leaves_bn_param_unchanged():
+    for bn_param in ({"mode": "train"}, {"mode": "train", "momentum": None}):
+        before = dict(bn_param)
+        with pytest.raises(ValueError, match="at least 2 samples"):
+            batchnorm_forward(np.ones((1, 3)), np.ones(3), np.zeros(3), bn_param)
+        assert bn_param == before
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("shape", [(5, 4), (600, 500)])
+def test_train_rejects_non_finite_x(bad_value, shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape)
+    x[2, 1] = x[0, 3] = bad_value
+    running_mean, running_var = np.full(shape[1], 0.5), np.full(shape[1], 2.0)
+    bn_param = {"mode": "train", "running_mean": running_mean.copy(),
+                "running_var": running_var.copy()}
+    with pytest.raises(ValueError, match=rf"x has NaN or infinite values.* in 2 of {shape[1]} "
+                                         r"columns \(columns 1, 3\)"):
+        forward_train(x, **{k: v for k, v in bn_param.items() if k != "mode"})
+    with pytest.raises(ValueError, match="bn_param was left unchanged"):
+        batchnorm_forward(x, np.ones(shape[1]), np.zeros(shape[1]), bn_param)
+    assert sorted(bn_param) == ["mode", "running_mean", "running_var"]
+    np.testing.assert_array_equal(bn_param["running_mean"], running_mean)
+    np.testing.assert_array_equal(bn_param["running_var"], running_var)
+
+
+def test_train_rejects_overflowing_variance():
+    x = np.array([[1e30, 0.0], [-1e30, 1.0]], np.float32)
+    bn_param = {"mode": "train"}
+    with pytest.raises(ValueError, match=r"in 1 of 2 columns \(columns 0\)"):
+        batchnorm_forward(x, np.ones(2), np.zeros(2), bn_param)
+    assert bn_param == {"mode": "train"}
+
+
+def test_test_mode_passes_non_finite_x_through():
+    out, _ = batchnorm_forward(np.array([[np.nan, 1.0]]), np.ones(2), np.zeros(2), {"mode": "test"})
+    assert np.isnan(out[0, 0])
+    assert out[0, 1] == pytest.approx(1 / np.sqrt(1 + 1e-5))
+
+
 @pytest.mark.parametrize("backward", [batchnorm_backward, batchnorm_backward_alt])
 def test_backward_rejects_dout_shape(backward):
     _, cache = forward_train(np.random.default_rng(0).standard_normal((4, 3)))
-    with pytest.raises(ValueError, match=r"dout has shape \(3, 4\); expected \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"dout has shape \(3, 4\), but \(4, 3\) is expected"):
         backward(np.ones((3, 4)), cache)
 
 
@@ -172,6 +218,30 @@ def test_float32_stays_float32(mode):
     for backward in (batchnorm_backward, batchnorm_backward_alt):
         grads = backward(np.ones((5, 3), np.float32), cache)
         assert [g.dtype for g in grads] == [np.float32] * 3, backward.__name__
+
+
+@pytest.mark.parametrize("x_dtype, dout_dtype", [(np.float64, np.float32),
+                                                  (np.float32, np.float64)])
+@pytest.mark.parametrize("shape", [(4, 3), (600, 500)])
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_backward_mixed_dtypes_give_common_dtype(x_dtype, dout_dtype, shape, mode):
+    # (600, 500) in float64 is larger than one block, so the blocked collapsed dx runs too.
+    rng = np.random.default_rng(5)
+    x = (3 * rng.standard_normal(shape) + 2).astype(x_dtype)
+    dout = rng.standard_normal(shape).astype(dout_dtype)
+    bn_param = {"mode": mode, "running_mean": np.full(shape[1], 1.5),
+                "running_var": np.ones(shape[1])}
+    _, cache = batchnorm_forward(x, np.ones(shape[1]), np.zeros(shape[1]), bn_param)
+    _, cache64 = batchnorm_forward(x.astype(np.float64), np.ones(shape[1]), np.zeros(shape[1]),
+                                   dict(bn_param))
+    for backward in (batchnorm_backward, batchnorm_backward_alt):
+        grads = backward(dout, cache)
+        assert [g.dtype for g in grads] == [np.float64] * 3, backward.__name__
+        expected = backward(dout.astype(np.float64), cache64)
+        bound = 1e-12 if x_dtype == np.float64 else 1e-3
+        for name, grad, grad64 in zip(("dx", "dgamma", "dbeta"), grads, expected):
+            scale = np.abs(grad64).max()
+            assert np.abs(grad - grad64).max() <= bound * scale, (backward.__name__, name)
 
 
 def test_forward_does_not_modify_inputs():
@@ -310,3 +380,23 @@ def test_backward_matches_directional_derivative(N, D, seed, mode):
     analytic = np.sum(dx * vx) + np.sum(dgamma * vgamma) + np.sum(dbeta * vbeta)
     scale = np.abs(dx * vx).sum() + np.abs(dgamma * vgamma).sum() + np.abs(dbeta * vbeta).sum()
     assert abs(numerical - analytic) <= 1e-6 * scale, (numerical, analytic, scale)
+
+
+@given(N=st.integers(2, 4096), D=st.sampled_from([1, 3, 256]), offset=st.floats(-1e6, 1e6),
+       log_spread=st.floats(-1, 1), seed=st.integers(0, 2**32 - 1))
+@example(N=4096, D=3, offset=1e6, log_spread=0.0, seed=0)
+def test_float32_output_statistics_at_large_offsets(N, D, offset, log_spread, seed):
+    # The output is compared with the float64 statistics of the same float32 input. Centring on
+    # the first row keeps the mean error near float32 rounding of the spread, not of the offset.
+    rng = np.random.default_rng(seed)
+    x = (offset + 10.0**log_spread * rng.standard_normal((N, D))).astype(np.float32)
+    out, _ = forward_train(x)
+    assert out.dtype == np.float32
+
+    x64, out64 = x.astype(np.float64), out.astype(np.float64)
+    std = np.sqrt(np.var(x64 - x64[0], axis=0))
+    expected_std = std / np.sqrt(std**2 + 1e-5)
+    nonconstant = std > 0
+    assert np.abs(out64.mean(axis=0)).max() <= 1e-5
+    np.testing.assert_allclose(out64.std(axis=0)[nonconstant], expected_std[nonconstant],
+                               rtol=1e-4, atol=0)

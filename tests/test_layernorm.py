@@ -86,9 +86,25 @@ def test_backward_rejects_dout_shape():
 
 
 def test_forward_leaves_ln_param_unchanged():
-    ln_param = {"mode": "test", "eps": 1e-3, "momentum": 0.9}
+    ln_param = {"mode": "test", "eps": 1e-3}
     layernorm_forward(np.arange(6.0).reshape(2, 3), np.ones(3), np.zeros(3), ln_param)
-    assert ln_param == {"mode": "test", "eps": 1e-3, "momentum": 0.9}
+    assert ln_param == {"mode": "test", "eps": 1e-3}
+
+
+@pytest.mark.parametrize("forward", [layernorm_forward, layernorm_forward_transposed])
+@pytest.mark.parametrize("ln_param, unknown", [({"epsilon": 1e-3}, "'epsilon'"),
+                                                ({"eps": 1e-3, "momentum": 0.9}, "'momentum'")])
+def test_forward_rejects_unknown_keys(forward, ln_param, unknown):
+    pattern = rf"ln_param has unknown keys {unknown}, but the known keys are 'eps', 'mode'"
+    with pytest.raises(ValueError, match=pattern):
+        forward(np.ones((2, 3)), np.ones(3), np.zeros(3), ln_param)
+
+
+def test_transposed_backward_rejects_dout_shape():
+    _, cache = layernorm_forward_transposed(np.arange(15.0).reshape(3, 5), np.ones(5), np.zeros(5),
+                                            None)
+    with pytest.raises(ValueError, match=r"dout has shape \(5, 3\).*had shape \(3, 5\)"):
+        layernorm_backward_transposed(np.ones((5, 3)), cache)
 
 
 def test_integer_input_computed_in_float64():
@@ -100,9 +116,34 @@ def test_integer_input_computed_in_float64():
     assert all(g.dtype == np.float64 for g in layernorm_backward(np.ones((2, 3), int), cache))
 
 
-def test_mixed_float_dtypes_promote_to_float64():
-    out, _ = layernorm_forward(np.ones((2, 3), np.float32), np.ones(3), np.zeros(3), None)
+@pytest.mark.parametrize("forward", [layernorm_forward, layernorm_forward_transposed])
+def test_output_has_dtype_of_x(forward):
+    # Same rule as batch norm: the floating dtype of x, whatever the dtype of gamma and beta.
+    x = np.arange(6).reshape(2, 3)
+    for x_dtype, param_dtype in ((np.float32, np.float64), (np.float64, np.float32),
+                                 (np.float32, np.int64)):
+        out, _ = forward(x.astype(x_dtype), np.ones(3, param_dtype), np.zeros(3, param_dtype), None)
+        assert out.dtype == x_dtype, (x_dtype, param_dtype)
+    out, _ = forward(x, np.ones(3, np.float32), np.zeros(3, np.float32), None)
     assert out.dtype == np.float64
+
+
+@pytest.mark.parametrize("x_dtype, dout_dtype", [(np.float64, np.float32),
+                                                  (np.float32, np.float64)])
+@pytest.mark.parametrize("shape", [(4, 5), (600, 1000)])
+def test_backward_mixed_dtypes_give_common_dtype(x_dtype, dout_dtype, shape):
+    x, gamma, beta, dout = random_inputs(shape, np.float64, 3, scale=3.0, offset=2.0)
+    for forward, backward in ((layernorm_forward, layernorm_backward),
+                              (layernorm_forward_transposed, layernorm_backward_transposed)):
+        _, cache = forward(x.astype(x_dtype), gamma, beta, None)
+        grads = backward(dout.astype(dout_dtype), cache)
+        assert [g.dtype for g in grads] == [np.float64] * 3, backward.__name__
+        # The float64 computation from the same rounded inputs.
+        _, cache64 = forward(x.astype(x_dtype).astype(np.float64), gamma, beta, None)
+        expected = backward(dout.astype(dout_dtype).astype(np.float64), cache64)
+        bound = 1e-12 if x_dtype == np.float64 else 1e-3
+        for name, grad, grad64 in zip(("dx", "dgamma", "dbeta"), grads, expected):
+            assert_close_to_scale(grad, grad64, bound, f"{backward.__name__} {name}")
 
 
 # Properties on random shapes and both float dtypes.

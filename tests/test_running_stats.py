@@ -108,7 +108,9 @@ def test_merge_moments_worked_example():
 
 
 @pytest.mark.parametrize("counts, pattern", [((-1, 2), "count_a is -1"),
-                                             ((2, 1.5), "count_b is 1.5"), ((0, 0), "both 0")])
+                                             ((2, 1.5), "count_b is 1.5"), ((0, 0), "both 0"),
+                                             ((True, 2), "count_a is True.*not a bool"),
+                                             ((2, False), "count_b is False.*not a bool")])
 def test_merge_moments_rejects_bad_counts(counts, pattern):
     with pytest.raises(ValueError, match=pattern):
         merge_moments(counts[0], 0.0, 0.0, counts[1], 0.0, 0.0)
@@ -180,6 +182,37 @@ def test_torch_batchnorm1d_step_for_step():
         layer.zero_grad()
 
 
+# Running statistics that torch 2.13.0+cpu's BatchNorm1d(3, momentum=0.1, dtype=torch.float64)
+# stored in train mode after each of these three batches, starting from zeros and ones.
+TORCH_BATCHES = [
+    [[4.99, 7.09, 6.48], [6.45, 8.24, 2.59], [3.75, 2.36, 4.78], [7.0, 4.96, 5.99]],
+    [[1.18, 5.29, 3.19], [8.55, 6.77, 6.9], [4.88, 6.23, 6.32], [4.31, 4.01, 4.77],
+     [3.79, 3.81, 4.43], [3.54, 6.53, 1.81]],
+    [[6.65, 3.75, 3.91], [2.3, 4.71, 4.5], [5.38, 3.93, 5.19], [8.64, 5.82, 3.85],
+     [6.91, 4.74, 6.19]],
+]
+TORCH_RUNNING_MEANS = [
+    [0.5547500000000001, 0.56625, 0.496],
+    [0.9367750000000001, 1.053625, 0.9034000000000001],
+    [1.4406975000000002, 1.4072625, 1.28586],
+]
+TORCH_RUNNING_VARS = [
+    [1.1155358333333334, 1.5693758333333334, 1.200686666666667],
+    [1.5827292500000003, 1.57854625, 1.4420780000000004],
+    [1.9817493250000005, 1.487966625, 1.3939422000000006],
+]
+
+
+def test_torch_batchnorm1d_recorded_values():
+    bn_param = bn_param_from_torch(momentum=0.1)
+    for step, batch in enumerate(TORCH_BATCHES):
+        train_steps([np.array(batch)], bn_param)
+        assert_rel_error(bn_param["running_mean"], np.array(TORCH_RUNNING_MEANS[step]), 1e-14,
+                         f"running_mean after batch {step + 1}")
+        assert_rel_error(bn_param["running_var"], np.array(TORCH_RUNNING_VARS[step]), 1e-14,
+                         f"running_var after batch {step + 1}")
+
+
 def test_unbiased_worked_example():
     x = np.array([-2.0] * 5 + [2.0] * 5 + [0.0] * 6).reshape(16, 1)
     assert x.var() == 2.5
@@ -214,7 +247,7 @@ def test_keras_conversion_rejects_bad_momentum(momentum):
 
 @pytest.mark.parametrize("momentum", [1.0, -0.1, 1.5, np.nan, np.inf, True, "0.9", [0.9]])
 def test_forward_rejects_bad_momentum(momentum):
-    with pytest.raises(ValueError, match=r"bn_param\['momentum'\] is .*expected a number in "
+    with pytest.raises(ValueError, match=r"bn_param\['momentum'\] is .*but a number in "
                                          r"\[0, 1\).*or None"):
         batchnorm_forward(np.ones((3, 2)), np.ones(2), np.zeros(2),
                           {"mode": "train", "momentum": momentum})
