@@ -223,9 +223,15 @@ def check_targets(rows):
     return checks
 
 # %% ../nbs/07_bench.ipynb #0a63fe69
+def _count_threads(count):
+    return f"{count} thread" + ("" if count == 1 else "s")
+
+
 def format_report(rows, checks, info, extra=None):
     "Return the benchmark table, targets and environment as fixed-width text."
-    lines = ["kernel     backward   shape         dtype     time (ms)  / copy  / torch"]
+    lines = ["/ copy: time over the time of np.copyto of the same array, the memory floor",
+             "/ torch: time over PyTorch's time for the same forward and backward",
+             "kernel     backward   shape         dtype     time (ms)  / copy  / torch"]
     for r in rows:
         torch_ratio = f"{r['vs_torch']:7.2f}" if r["vs_torch"] is not None else "      -"
         shape = f"({r['N']}, {r['D']})"
@@ -235,36 +241,65 @@ def format_report(rows, checks, info, extra=None):
     lines.append("targets")
     for name, ratio, bound, met in checks:
         lines.append(f"  {name:<52} {ratio:7.2f}  {bound:<6} {'met' if met else 'MISSED'}")
+    if not checks:
+        lines.append("  none apply: the targets need the (4096, 1024) shape, which --quick "
+                     "skips, or torch timings, which --no-torch or a missing torch skips")
     for key, value in (extra or {}).items():
         lines.append(f"{key}: {value}")
     lines.append("")
-    blas = ", ".join(f"{b['library']} {b['version']} ({b['threads']} threads, {b['kernel']})"
-                     for b in info.get("blas", [])) or info.get("blas_note", "unknown")
-    lines.append(f"numpy {info['numpy']}, BLAS {blas}")
-    torch_note = (f", torch {info['torch']} (the faster of {info['torch_threads']} threads and 1)"
-                  if info.get("torch") else ", torch not installed")
-    lines.append(f"CPU {info['cpu']} ({info['cpu_count']} logical cores), python {info['python']}"
-                 + torch_note)
+    lines.extend(_environment_lines(info))
     return "\n".join(lines)
 
+
+def _environment_lines(info):
+    "Return the report lines that describe NumPy, the BLAS, the CPU and torch."
+    blas = ", ".join(f"{b['library']} {b['version']} ({_count_threads(b['threads'])}, "
+                     f"{b['kernel']})"
+                     for b in info.get("blas", [])) or info.get("blas_note", "unknown")
+    torch_threads = info.get("torch_threads")
+    torch_timing = ("1 thread" if torch_threads == 1
+                    else f"the faster of {_count_threads(torch_threads)} and 1")
+    torch_note = (f", torch {info['torch']} ({torch_timing})"
+                  if info.get("torch") else ", torch not installed")
+    cpu = f"CPU {info['cpu']} ({info['cpu_count']} logical cores), python {info['python']}"
+    return [f"numpy {info['numpy']}, BLAS {blas}", cpu + torch_note]
+
 # %% ../nbs/07_bench.ipynb #298c8a46
+def _json_path_problem(path):
+    "Return why the JSON report cannot be written to `path`, or None when it can."
+    folder = path.parent
+    if path.is_dir():
+        return "is a directory; pass a file path such as bench.json"
+    if not folder.exists():
+        return f"the folder {folder} does not exist; create it first"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
 def main(argv=None):
     "Run the benchmark from the command line; return the exit status."
     parser = argparse.ArgumentParser(prog="python -m bnnorm.bench", description=(
         "Time bnnorm's normalization kernels and training, as ratios measured in one run."))
     parser.add_argument("--repeats", type=int, default=5,
                         help="repetitions per timing; the minimum is kept (default: 5)")
-    parser.add_argument("--json", type=Path, default=None,
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="also write the results as JSON to this path (default: none)")
     parser.add_argument("--no-torch", action="store_true",
                         help="skip the PyTorch comparison even when torch is installed")
     parser.add_argument("--no-sweep", action="store_true",
-                        help="skip timing the weight-scale sweep (about a minute on 2 cores)")
+                        help="skip timing one seed of the weight-scale experiment on the digits")
     parser.add_argument("--quick", action="store_true",
                         help="smallest shape only, 2 repetitions, tiny sweep: checks that it runs")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    json_problem = _json_path_problem(args.json) if args.json else None
+    if json_problem:
+        print(f"{parser.prog}: error: --json {args.json}: {json_problem}", file=sys.stderr)
+        return 2
 
     shapes = SHAPES[:1] if args.quick else SHAPES
     repeats = 2 if args.quick else args.repeats

@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['CIFAR10_URL', 'CIFAR10_MD5', 'CIFAR10_DIRNAME', 'CIFAR10_TRAIN_FILES', 'CIFAR10_TEST_FILE', 'CIFAR10_META_FILE',
-           'CIFAR10_IMAGE_SIZE', 'DIGITS_NUM_IMAGES', 'DatasetError', 'DatasetNotFoundError', 'DatasetFormatError',
-           'DownloadError', 'ChecksumMismatchError', 'UnsafeArchiveError', 'write_fake_cifar10', 'load_cifar10',
-           'get_cifar10_data', 'default_cache_dir', 'find_cifar10_dir', 'file_md5', 'download_cifar10',
-           'get_digits_data']
+           'CIFAR10_IMAGE_SIZE', 'CIFAR10_PICKLE_GLOBALS', 'CIFAR10_DIR_VARIABLE', 'DOWNLOAD_URL_SCHEMES',
+           'DIGITS_NUM_IMAGES', 'DatasetError', 'DatasetNotFoundError', 'DatasetFormatError', 'DownloadError',
+           'ChecksumMismatchError', 'UnsafeArchiveError', 'UnsafePickleError', 'write_fake_cifar10', 'load_cifar10',
+           'get_cifar10_data', 'default_cache_dir', 'cifar10_search_paths', 'find_cifar10_dir', 'file_md5',
+           'download_cifar10', 'get_digits_data']
 
 # %% ../nbs/05_data.ipynb #c7ffd6ab
 import hashlib
@@ -70,11 +71,39 @@ def _as_str(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+CIFAR10_PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("_codecs", "encode")})
+
+
+class UnsafePickleError(DatasetFormatError):
+    "A data file that references a Python object outside `CIFAR10_PICKLE_GLOBALS`."
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    "An Unpickler that resolves only the globals in `CIFAR10_PICKLE_GLOBALS`."
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in CIFAR10_PICKLE_GLOBALS:
+            raise UnsafePickleError(
+                f"{self.path} references the Python object {module}.{name}, which CIFAR-10 files "
+                "never contain; it was not loaded, because unpickling it could run code. Delete "
+                "the file and download the data again from the official source.")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
     "Unpickle the CIFAR-10 file at `path` into a dict with `str` keys, whatever its key type."
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, path).load()
+    except UnsafePickleError:
+        raise
     except _UNPICKLING_ERRORS as e:
         raise DatasetFormatError(
             f"Cannot read {path}: the file is truncated or is not a CIFAR-10 pickle "
@@ -149,14 +178,27 @@ def write_fake_cifar10(root: Union[str, Path], num_per_batch: int = 4, key_type:
     return root
 
 # %% ../nbs/05_data.ipynb #f57891a5
+CIFAR10_DIR_VARIABLE = "BNNORM_CIFAR10_DIR"
+def _env_dir_message(value: str) -> str:
+    "Explain that $BNNORM_CIFAR10_DIR names no directory, and where the search looks without it."
+    return (f"${CIFAR10_DIR_VARIABLE} is set to {value!r}, which is not an existing directory. "
+            f"Set it to a {CIFAR10_DIRNAME} directory or its parent folder, or unset it to search "
+            f"../shared/data/{CIFAR10_DIRNAME} and ../../shared/data/{CIFAR10_DIRNAME} relative "
+            f"to the current directory, then {default_cache_dir() / CIFAR10_DIRNAME}.")
+
+
 def _missing_dir_message(root: Path) -> str:
+    env_value = os.environ.get(CIFAR10_DIR_VARIABLE)
+    if env_value and not root.is_dir() and Path(env_value).expanduser() == root:
+        return _env_dir_message(env_value)
     hint = ""
     if (root / CIFAR10_DIRNAME / CIFAR10_META_FILE).is_file():
         hint = f" It contains {root / CIFAR10_DIRNAME}, so pass that directory instead."
     return (f"CIFAR-10 directory not found: {root} does not contain the files data_batch_1 to "
             f"data_batch_5, {CIFAR10_TEST_FILE} and {CIFAR10_META_FILE}.{hint} To get the data, "
             "run `bnnorm run --dataset cifar10 --download`, call bnnorm.data.download_cifar10(), "
-            f"or set $BNNORM_CIFAR10_DIR to an existing {CIFAR10_DIRNAME} directory.")
+            f"or set $BNNORM_CIFAR10_DIR to an existing {CIFAR10_DIRNAME} directory or its "
+            "parent folder.")
 
 # %% ../nbs/05_data.ipynb #72e932e7
 def load_cifar10(root: Union[str, Path]):
@@ -268,16 +310,34 @@ def default_cache_dir() -> Path:
     return base / "bnnorm"
 
 # %% ../nbs/05_data.ipynb #ecec2ceb
-def find_cifar10_dir() -> Optional[Path]:
-    "Return the CIFAR-10 directory named by $BNNORM_CIFAR10_DIR or found on disk, or None."
-    if os.environ.get("BNNORM_CIFAR10_DIR"):
-        return Path(os.environ["BNNORM_CIFAR10_DIR"]).expanduser()
-
+def cifar10_search_paths() -> list:
+    "Return the directories that `find_cifar10_dir` tries after the environment variable."
     cwd = Path.cwd().resolve()
-    candidates = [project_root.parent / "shared" / "data" / CIFAR10_DIRNAME
-                  for project_root in (cwd, cwd.parent)]
-    candidates.append(default_cache_dir() / CIFAR10_DIRNAME)
-    for candidate in candidates:
+    return [cwd.parent / "shared" / "data" / CIFAR10_DIRNAME,
+            cwd.parent.parent / "shared" / "data" / CIFAR10_DIRNAME,
+            default_cache_dir() / CIFAR10_DIRNAME]
+
+
+def _cifar10_dir_from_env(value: str) -> Path:
+    "Return the CIFAR-10 directory that the value of $BNNORM_CIFAR10_DIR names, which may not exist."
+    path = Path(value).expanduser()
+    nested = path / CIFAR10_DIRNAME
+    return nested if (nested / CIFAR10_META_FILE).is_file() else path
+
+
+
+def find_cifar10_dir() -> Optional[Path]:
+    '''Return the CIFAR-10 directory named by $BNNORM_CIFAR10_DIR or found on disk, or None.
+
+    Without the variable, tries `cifar10_search_paths()`: ../shared/data/cifar-10-batches-py and
+    ../../shared/data/cifar-10-batches-py relative to the current directory, then the cache.
+    A $BNNORM_CIFAR10_DIR that names no directory is returned as it is, so that load_cifar10
+    raises an error that names the variable instead of silently using another copy.'''
+    value = os.environ.get(CIFAR10_DIR_VARIABLE)
+    if value:
+        return _cifar10_dir_from_env(value)
+
+    for candidate in cifar10_search_paths():
         if (candidate / CIFAR10_META_FILE).is_file():
             return candidate
     return None
@@ -387,6 +447,25 @@ def _extract_cifar10(archive: Path, target: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 # %% ../nbs/05_data.ipynb #d05441e6
+DOWNLOAD_URL_SCHEMES = ("http", "https", "file")
+
+
+def _check_download_arguments(url, md5, timeout):
+    "Raise ValueError for a URL scheme, MD5 checksum or timeout that `download_cifar10` rejects."
+    scheme = urllib.parse.urlsplit(url).scheme.lower() if isinstance(url, str) else None
+    if scheme not in DOWNLOAD_URL_SCHEMES:
+        raise ValueError(f"url={url!r} is invalid; expected an http://, https:// or file:// URL, "
+                         f"for example {CIFAR10_URL!r}.")
+
+    is_hex = isinstance(md5, str) and all(c in "0123456789abcdefABCDEF" for c in md5)
+    if not (is_hex and len(md5) == 32):
+        raise ValueError(f"md5={md5!r} is invalid; expected 32 hexadecimal digits.")
+
+    is_number = isinstance(timeout, (int, float, np.integer, np.floating))
+    if isinstance(timeout, bool) or not (is_number and np.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout={timeout!r} is invalid; expected a number of seconds > 0.")
+
+
 def download_cifar10(cache_dir: Union[str, Path, None] = None, url: str = CIFAR10_URL,
                      md5: str = CIFAR10_MD5, progress: bool = True, timeout: float = 60.0) -> Path:
     '''Download, verify and extract CIFAR-10 into `cache_dir`, and return the data directory.
@@ -395,11 +474,13 @@ def download_cifar10(cache_dir: Union[str, Path, None] = None, url: str = CIFAR1
     `cache_dir` defaults to `default_cache_dir()`. `timeout` is in seconds per network operation.
     NOTE: two processes that download into the same cache directory at once can fail when
     they move the extracted directory into place. Download once before starting workers.'''
-    is_hex = isinstance(md5, str) and all(c in "0123456789abcdefABCDEF" for c in md5)
-    if not (is_hex and len(md5) == 32):
-        raise ValueError(f"md5={md5!r} is invalid; expected 32 hexadecimal digits.")
+    _check_download_arguments(url, md5, timeout)
     md5 = md5.lower()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if cache.exists() and not cache.is_dir():
+        raise NotADirectoryError(
+            f"cache_dir {str(cache)!r} is a file, not a directory. Pass a directory (it is created "
+            "when missing), or None to use default_cache_dir().")
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / CIFAR10_DIRNAME
     marker = cache / (CIFAR10_DIRNAME + ".md5")
@@ -432,6 +513,7 @@ def get_digits_data(num_training: int = 1297, num_validation: int = 250, num_tes
     num_training = _check_count("num_training", num_training, 1)
     num_validation = _check_count("num_validation", num_validation, 0)
     num_test = _check_count("num_test", num_test, 0)
+    seed = _check_count("seed", seed, 0)
     dtype = _check_float_dtype(dtype)
     total = num_training + num_validation + num_test
     if total > DIGITS_NUM_IMAGES:

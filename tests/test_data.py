@@ -1,6 +1,7 @@
 """Tests of the CIFAR-10 loader, the train/validation/test splits, the directory search
 and the offline digits. They run on fake CIFAR-10 files written into tmp_path, except the
 checks on a real copy, which are skipped when no copy is found."""
+import io
 import pickle
 import warnings
 
@@ -14,6 +15,7 @@ from bnnorm.data import (
     DatasetError,
     DatasetFormatError,
     DatasetNotFoundError,
+    UnsafePickleError,
     find_cifar10_dir,
     get_cifar10_data,
     get_digits_data,
@@ -283,8 +285,27 @@ def clean_env(monkeypatch, tmp_path):
 
 
 def test_find_env_var_wins(clean_env, tmp_path):
+    (tmp_path / "named").mkdir()
+    clean_env.setenv("BNNORM_CIFAR10_DIR", str(tmp_path / "named"))
+    assert find_cifar10_dir() == tmp_path / "named"
+
+
+def test_find_env_var_missing_dir(clean_env, tmp_path):
     clean_env.setenv("BNNORM_CIFAR10_DIR", str(tmp_path / "does-not-exist"))
-    assert find_cifar10_dir() == tmp_path / "does-not-exist"
+    root = find_cifar10_dir()
+    assert root == tmp_path / "does-not-exist"
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_cifar10(root)
+    message = str(info.value)
+    assert "$BNNORM_CIFAR10_DIR is set to" in message
+    assert str(tmp_path / "does-not-exist") in message
+    assert "../shared/data/cifar-10-batches-py" in message
+
+
+def test_find_env_var_parent_folder(clean_env, tmp_path):
+    nested = write_fake_cifar10(tmp_path / "parent" / CIFAR10_DIRNAME)
+    clean_env.setenv("BNNORM_CIFAR10_DIR", str(tmp_path / "parent"))
+    assert find_cifar10_dir() == nested
 
 
 @pytest.mark.parametrize("subdir", [".", "nbs"])
@@ -396,3 +417,31 @@ def test_digits_too_many_images():
 def test_digits_invalid_arguments(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         get_digits_data(**kwargs)
+
+
+def test_digits_seed_must_be_integer():
+    with pytest.raises(ValueError, match="seed='a' is invalid; expected an integer >= 0"):
+        get_digits_data(seed="a")
+
+
+class CreateFile:
+    "An object whose pickle calls io.open(path, 'w') when it is loaded, creating the file."
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (io.open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("name", [CIFAR10_META_FILE, "data_batch_2"])
+def test_crafted_pickle_runs_nothing(fake_dir, tmp_path, name):
+    created = tmp_path / "CREATED"
+    content = {b"data": CreateFile(created), b"labels": [0], b"label_names": [b"x"] * 10}
+    (fake_dir / name).write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(UnsafePickleError) as info:
+        load_cifar10(fake_dir)
+    assert "references the Python object io.open" in str(info.value)
+    assert str(fake_dir / name) in str(info.value)
+    assert not created.exists()
+

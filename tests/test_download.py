@@ -290,6 +290,26 @@ def test_connection_refused(tmp_path, monkeypatch):
     assert "Check the network connection" in str(info.value)
 
 
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"url": "notaurl"}, "url='notaurl' is invalid; expected an http://, https:// or file://"),
+    ({"url": "ftp://127.0.0.1/x.tar.gz"}, "url='ftp://127.0.0.1/x.tar.gz' is invalid"),
+    ({"timeout": 0}, "timeout=0 is invalid"),
+    ({"timeout": -1}, "timeout=-1 is invalid"),
+])
+def test_invalid_download_arguments(tmp_path, kwargs, fragment):
+    # A local file URL by default, so that no check can reach the network.
+    arguments = {"url": (tmp_path / "absent.tar.gz").as_uri(), **kwargs}
+    with pytest.raises(ValueError, match=fragment):
+        download_cifar10(tmp_path / "cache", **arguments)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_dir_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="cache_dir .*afile.* is a file"):
+        download_cifar10(tmp_path / "afile", url=(tmp_path / "x.tar.gz").as_uri())
+
+
 def test_invalid_md5_argument(tmp_path):
     with pytest.raises(ValueError, match="32 hexadecimal digits"):
         download_cifar10(tmp_path / "cache", md5="c58f30108f718f92")

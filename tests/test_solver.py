@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from bnnorm.solver import (FullyConnectedNet, Solver, load_checkpoint, precise_batchnorm_statistics,
-                           sgd, sgd_momentum)
+from bnnorm.solver import (FullyConnectedNet, Solver, adam, load_checkpoint,
+                           precise_batchnorm_statistics, rmsprop, sgd, sgd_momentum)
 
 
 def make_blobs(num_samples=300, num_classes=4, dim=12, seed=0):
@@ -618,6 +618,7 @@ def test_divergence_skips_update(data):
 
 def test_checkpoint_files_and_contents(data, tmp_path):
     name = tmp_path / "runs" / "blobs"
+    name.parent.mkdir()
     solver = quiet_solver(make_net("batchnorm"), data, update_rule="adam", checkpoint_name=name)
     solver.train()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
@@ -823,3 +824,64 @@ def test_precise_statistics_rejects_other_nets(data):
     unbiased = make_net("batchnorm", norm_options={"unbiased": True})
     with pytest.raises(ValueError, match="X has 1 sample, but the unbiased variance"):
         precise_batchnorm_statistics(unbiased, data["X_train"][:1])
+
+
+# Input checks of the update rules, the network and checkpoints
+
+
+@pytest.mark.parametrize("rule", [sgd, sgd_momentum, rmsprop, adam])
+def test_rule_rejects_integer_w(rule):
+    with pytest.raises(TypeError, match="w of dtype int64"):
+        rule(np.array([1, 1, 1]), np.ones(3))
+
+
+@pytest.mark.parametrize("rule, key, value", [
+    (sgd, "learning_rate", -1), (sgd, "learning_rate", 0), (sgd_momentum, "momentum", -1),
+    (sgd_momentum, "momentum", 1), (rmsprop, "decay_rate", 2), (rmsprop, "epsilon", 0),
+    (adam, "beta1", 1), (adam, "beta2", -0.5), (adam, "epsilon", -1e-8)])
+def test_rule_setting_out_of_range(rule, key, value):
+    with pytest.raises(ValueError, match=rf"config\['{key}'\] .* is {value}, outside"):
+        rule(np.ones(2), np.ones(2), {key: value})
+
+
+def test_solver_rejects_out_of_range_config(data):
+    with pytest.raises(ValueError, match=r"config\['momentum'\]"):
+        quiet_solver(make_net(), data, update_rule="sgd_momentum", optim_config={"momentum": 1.5})
+
+
+@pytest.mark.parametrize("kwargs, error, fragment", [
+    ({"hidden_dims": 5}, TypeError, "hidden_dims=5 is invalid"),
+    ({"hidden_dims": [5], "num_classes": 1}, ValueError, "num_classes=1 is invalid"),
+    ({"hidden_dims": [5], "normalization": "batchnorm", "norm_options": {"eps": -1}},
+     ValueError, "norm_options=.*eps.* is invalid"),
+    ({"hidden_dims": [5], "normalization": "batchnorm", "norm_options": {"momentum": 2}},
+     ValueError, "norm_options=.*momentum.* is invalid"),
+    ({"hidden_dims": [5], "normalization": "layernorm", "norm_options": {"eps": 0}},
+     ValueError, "norm_options=.*eps.* is invalid"),
+])
+def test_net_rejects_invalid_arguments(kwargs, error, fragment):
+    with pytest.raises(error, match=fragment):
+        FullyConnectedNet(**kwargs)
+
+
+def test_checkpoint_missing_folder_not_created(data, tmp_path):
+    name = tmp_path / "missing" / "run"
+    with pytest.raises(FileNotFoundError, match="checkpoint folder .*missing.* does not exist"):
+        quiet_solver(make_net(), data, num_epochs=1, checkpoint_name=name)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_checkpoint_mode_follows_umask(data, tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        quiet_solver(make_net(), data, num_epochs=1, checkpoint_name=tmp_path / "run").train()
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "run_epoch_1.npz").stat().st_mode & 0o777 == 0o644
+
+
+def test_load_checkpoint_text_file(tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="is not a Solver checkpoint: it is not an .npz archive"):
+        load_checkpoint(text_file)
