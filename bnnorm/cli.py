@@ -12,27 +12,31 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from joblib import Parallel, delayed
 
 from . import __version__
 
 # %% auto #0
-__all__ = ['DEFAULT_OUT', 'DATASETS', 'RUN_FILE_FORMAT', 'CommandError', 'UsageError', 'SweepInterrupted', 'experiment_module',
-           'build_parser', 'add_run_options', 'check_options', 'select_experiments', 'safe_file_stem', 'run_file_path',
-           'write_file_atomic', 'to_json', 'json_round_trip', 'load_finished_run', 'plan_sweep', 'execute_and_save',
-           'execute_pending', 'write_results_csv', 'compose_summary', 'save_figure', 'prepare_out_dir',
-           'format_duration', 'plural', 'load_data', 'run_sweep', 'write_outputs', 'describe_experiment',
-           'list_experiments', 'parse_arguments', 'main']
+__all__ = ['DEFAULT_OUT', 'DATASETS', 'RUN_FILE_FORMAT', 'LOCK_FILE_NAME', 'CommandError', 'UsageError', 'SweepInterrupted',
+           'experiment_module', 'build_parser', 'add_run_options', 'check_options', 'select_experiments',
+           'safe_file_stem', 'run_file_path', 'write_file_atomic', 'to_json', 'json_round_trip', 'load_finished_run',
+           'plan_sweep', 'execute_and_save', 'execute_pending', 'write_results_csv', 'compose_summary', 'save_figure',
+           'prepare_out_dir', 'format_duration', 'plural', 'lock_owner', 'acquire_lock', 'release_lock', 'load_data',
+           'resolve_cifar10_dir', 'cifar10_fingerprint', 'data_identity', 'run_sweep', 'write_outputs',
+           'describe_experiment', 'list_experiments', 'parse_arguments', 'check_usage', 'main']
 
 # %% ../nbs/06_cli.ipynb #6545a242
 DEFAULT_OUT = "bnnorm_runs"
 DATASETS = ("digits", "cifar10")
 RUN_FILE_FORMAT = 1
+LOCK_FILE_NAME = "bnnorm.lock"
 
 
 class CommandError(Exception):
@@ -67,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("list", help="list the experiments that `run` can run",
-                        description="List the experiments that `bnnorm run` can run.")
+    listing = commands.add_parser("list", help="list the experiments that `run` can run",
+                                  description="List the experiments that `bnnorm run` can run.")
     run = commands.add_parser(
         "run", help="run experiments and write plots, results.csv and summary.md",
         description="Run experiments and write EXPERIMENT.png, results.csv and summary.md into "
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         "again after an interruption resumes where it stopped.",
     )
     add_run_options(run)
+
+    # `main` reports usage errors found after parsing through the subcommand's own parser.
+    parser.subcommand_parsers = {"list": listing, "run": run}
     return parser
 
 # %% ../nbs/06_cli.ipynb #1b42ba5e
@@ -90,36 +97,42 @@ def add_run_options(run: argparse.ArgumentParser):
     run.add_argument("--data-dir", metavar="PATH", default=None,
                      help="CIFAR-10 directory for --dataset cifar10: the cifar-10-batches-py "
                      "directory or its parent; with --download, where to download to (default: "
-                     "$BNNORM_CIFAR10_DIR, else shared/data/cifar-10-batches-py beside the "
-                     "project, else the download cache)")
+                     "$BNNORM_CIFAR10_DIR, else ../shared/data/cifar-10-batches-py or "
+                     "../../shared/data/cifar-10-batches-py relative to the current directory, "
+                     "else the download cache)")
     run.add_argument("--download", action="store_true",
                      help="download and extract the CIFAR-10 archive (about 170 MB) unless an "
                      "extracted copy is found, into --data-dir or else the download cache "
                      "$BNNORM_CACHE_DIR, $XDG_CACHE_HOME/bnnorm or ~/.cache/bnnorm (default: off)")
     run.add_argument("--seeds", type=int, default=3, metavar="N",
-                     help="number of random seeds per configuration, using seeds 0 to N-1 "
-                     "(default: %(default)s)")
+                     help="number of random seeds per configuration, at least 1, using seeds 0 "
+                     "to N-1 (default: %(default)s)")
     run.add_argument("--epochs", type=int, default=None, metavar="N",
-                     help="training epochs per run, one epoch being one pass over the training "
-                     "split (default: each experiment's own)")
+                     help="training epochs per run, at least 1, one epoch being one pass over the "
+                     "training split (default: each experiment's own)")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
-                     help="number of worker processes that execute runs in parallel "
+                     help="number of worker processes that execute runs in parallel, at least 1 "
                      "(default: %(default)s)")
     run.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
-                     help="output directory for the plots, results.csv, summary.md and the "
-                     "per-run files in DIR/runs (default: %(default)s)")
+                     help="output directory for the plots, results.csv, summary.md, the per-run "
+                     "files in DIR/runs and the lock file DIR/bnnorm.lock while the command runs "
+                     "(default: %(default)s)")
     run.add_argument("--quick", action="store_true",
                      help="quick mode: each experiment's smallest settings (a small training "
                      "subset, fewer epochs and configurations), for a smoke test (default: off)")
 
 # %% ../nbs/06_cli.ipynb #442d99e1
-def check_options(dataset: str, data_dir, download: bool, seeds: int, epochs, jobs: int):
+def check_options(dataset: str, data_dir, download: bool, seeds: int, epochs, jobs: int,
+                  out=DEFAULT_OUT):
     "Raise `UsageError` or `CommandError` when a `bnnorm run` option or combination is invalid."
     if dataset not in DATASETS:
         raise UsageError(f"invalid dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    if dataset != "cifar10" and (data_dir is not None or download):
-        raise UsageError("--data-dir and --download apply only to CIFAR-10, "
-                         "so add --dataset cifar10 or remove them")
+    given = [option for option, used in (("--data-dir", data_dir is not None),
+                                         ("--download", download)) if used]
+    if dataset != "cifar10" and given:
+        verb, pronoun = ("apply", "them") if len(given) > 1 else ("applies", "it")
+        raise UsageError(f"{' and '.join(given)} {verb} only to CIFAR-10, "
+                         f"so add --dataset cifar10 or remove {pronoun}")
 
     counts = {
         "--seeds": (seeds, "the number of seeds per configuration",
@@ -130,11 +143,15 @@ def check_options(dataset: str, data_dir, download: bool, seeds: int, epochs, jo
     }
     for option, (value, meaning, advice) in counts.items():
         if value is not None and value < 1:
-            raise CommandError(f"{option} {value} is invalid: it is {meaning} and must be at "
-                               f"least 1. {advice}")
+            raise UsageError(f"{option} {value} is invalid: it is {meaning} and must be at "
+                             f"least 1. {advice}")
+    if out is None or not str(out).strip():
+        raise UsageError(f"--out {str(out)!r} is invalid: pass the name of the output directory, "
+                         f"for example --out {DEFAULT_OUT}")
 
     if data_dir is not None and not download and not Path(data_dir).is_dir():
-        raise CommandError(f"data directory {data_dir} not found. Pass the directory that "
+        problem = "is a file, not a directory" if Path(data_dir).exists() else "not found"
+        raise CommandError(f"data directory {data_dir} {problem}. Pass the directory that "
                            "contains CIFAR-10's data_batch_1 ... test_batch with --data-dir, "
                            "or add --download to download the data into it.")
 
@@ -212,6 +229,21 @@ def _differences(planned: dict, stored) -> list:
             for key in keys if stored.get(key, missing) != planned.get(key, missing)]
 
 
+def _record_problem(record) -> str | None:
+    "Describe what makes a parsed run file invalid, or return None when it is a valid record."
+    if not isinstance(record, dict):
+        return "it is not a JSON object"
+    if record.get("format") != RUN_FILE_FORMAT:
+        return f"its format is {record.get('format', '<missing>')!r}, expected {RUN_FILE_FORMAT}"
+    for key in ("settings", "config", "result"):
+        if not isinstance(record.get(key), dict):
+            return f"its {key} is missing or not a JSON object"
+    rows = record["result"].get("rows")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        return "its result has no list of rows"
+    return None
+
+
 def load_finished_run(path, run: dict, settings: dict):
     "Return the stored record of a planned run, or None when its file is absent."
     path = Path(path)
@@ -222,12 +254,13 @@ def load_finished_run(path, run: dict, settings: dict):
     except (OSError, ValueError) as error:
         raise CommandError(f"invalid run file {path}: {error}. "
                            "Delete it to execute that run again.") from error
-    if not isinstance(record, dict) or not isinstance(record.get("result"), dict):
-        raise CommandError(f"invalid run file {path}: it has no result. "
+    problem = _record_problem(record)
+    if problem:
+        raise CommandError(f"invalid run file {path}: {problem}. "
                            "Delete it to execute that run again.")
 
-    differences = (_differences(settings, record.get("settings"))
-                   + _differences(run["config"], record.get("config")))
+    differences = (_differences(settings, record["settings"])
+                   + _differences(run["config"], record["config"]))
     if differences:
         out = path.parent.parent.parent
         raise CommandError(
@@ -270,6 +303,13 @@ def _execute_indexed(index, execute_run, run, data, settings, path):
     return index, execute_and_save(execute_run, run, data, settings, path)
 
 
+def _execute_in_worker(index, execute_run, run, data, settings, path):
+    # Ctrl-C in a terminal sends SIGINT to every process of the foreground group. Workers ignore
+    # it, so that only the parent reacts: joblib then kills the workers, without tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return _execute_indexed(index, execute_run, run, data, settings, path)
+
+
 def execute_pending(runs, paths, pending, data, settings, jobs: int = 1):
     "Execute the runs at the indices `pending` and yield `(index, record)` as each one finishes."
     execute_run = experiment_module().execute_run
@@ -278,9 +318,11 @@ def execute_pending(runs, paths, pending, data, settings, jobs: int = 1):
             yield _execute_indexed(index, execute_run, runs[index], data, settings, paths[index])
         return
 
-    # return_as="generator_unordered" needs joblib 1.4 or later.
+    # return_as="generator_unordered" needs joblib 1.4 or later. On any exception in this process,
+    # Ctrl-C included, joblib 1.6's generator kills the workers (through psutil) and waits for them
+    # before it re-raises.
     workers = Parallel(n_jobs=min(jobs, len(pending)), return_as="generator_unordered")
-    execute = delayed(_execute_indexed)
+    execute = delayed(_execute_in_worker)
     tasks = (execute(index, execute_run, runs[index], data, settings, paths[index])
              for index in pending)
     yield from workers(tasks)
@@ -305,15 +347,25 @@ def write_results_csv(path, rows) -> Path:
     return write_file_atomic(path, buffer.getvalue())
 
 # %% ../nbs/06_cli.ipynb #2f013413
-def compose_summary(module, names, results: dict, dataset, quick, seeds, epochs) -> str:
-    "Compose summary.md: the sweep's settings, then each experiment's summary and figure."
+def compose_summary(module, names, results: dict, dataset, quick, seeds, epochs,
+                    other_runs: int = 0, stale_plots=()) -> str:
+    "Compose summary.md: the sweep's settings and outputs, then each experiment's summary and figure."
     runs = sum(len(results[name]) for name in names)
     seed_list = "seed 0" if seeds == 1 else f"seeds 0 to {seeds - 1}"
     lines = ["# bnnorm results", "",
              f"- Dataset: {dataset}{' (quick mode)' if quick else ''}",
              f"- Seeds per configuration: {seeds} ({seed_list})",
              f"- Epochs per run: {epochs or 'the default of each experiment'}",
-             f"- Runs: {runs}, one file each under runs/; all rows in results.csv", ""]
+             f"- Runs: {runs}, one file each under runs/; results.csv contains the rows of exactly "
+             "these runs",
+             f"- Plots written by this command: {', '.join(f'{name}.png' for name in names)}"]
+    if other_runs:
+        lines.append(f"- runs/ also contains {plural(other_runs, 'other run file')} from earlier "
+                     "commands with other experiments or seeds. They are not in results.csv or "
+                     "in this summary")
+    if stale_plots:
+        lines.append(f"- Not updated by this command, so out of date: {', '.join(stale_plots)}")
+    lines.append("")
     for name in names:
         text = module.summarize_experiment(name, results[name]).strip()
         if not text.startswith("#"):
@@ -335,6 +387,10 @@ def save_figure(figure, path) -> Path:
 def prepare_out_dir(out) -> Path:
     "Create `out/runs`, check that a file can be written there, and return it."
     runs_dir = Path(out) / "runs"
+    for path in (Path(out), runs_dir):
+        if path.exists() and not path.is_dir():
+            raise CommandError(f"output directory {out} is invalid: {path} is a file, not a "
+                               "directory. Pass another directory with --out.")
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=runs_dir):
@@ -361,7 +417,65 @@ def plural(count: int, noun: str, plural_noun: str = "") -> str:
     "Return '1 run' or '3 runs': the count with the noun in singular or plural."
     return f"{count} {noun if count == 1 else plural_noun or noun + 's'}"
 
+# %% ../nbs/06_cli.ipynb #582488c8
+def _process_start_time(pid: int):
+    "Return the start time of process `pid` in seconds since the epoch, or None if it is gone."
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def lock_owner(path):
+    "Return the id of the live process that holds the lock file at `path`, or None if it is stale."
+    try:
+        pid_text, start_text = Path(path).read_text(encoding="utf-8").split()
+        pid, start = int(pid_text), float(start_text)
+    except (OSError, ValueError):
+        return None
+    started = _process_start_time(pid)
+    # create_time is rounded differently on some platforms, so a small tolerance is allowed.
+    if started is None or abs(started - start) > 1:
+        return None
+    return pid
+
+
+def acquire_lock(out) -> Path:
+    "Create the lock file `out/bnnorm.lock` for this process, taking over a stale one."
+    path = Path(out) / LOCK_FILE_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = lock_owner(path)
+            if owner is not None:
+                raise CommandError(f"another bnnorm run (pid {owner}) is using {out}; wait for it "
+                                   f"to finish, or pass another --out directory. If no bnnorm "
+                                   f"process {owner} exists, delete {path}.") from None
+            # NOTE: two commands that find the same stale lock at the same moment can both
+            # take it over. The window is the time between this unlink and os.open.
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(f"{os.getpid()} {_process_start_time(os.getpid())!r}\n")
+        return path
+    raise CommandError(f"failed to create the lock file {path}: another process keeps "
+                       "creating it. Wait for other bnnorm commands on this directory to finish.")
+
+
+def release_lock(path):
+    "Delete the lock file at `path` if this process holds it."
+    if lock_owner(path) == os.getpid():
+        Path(path).unlink(missing_ok=True)
+
 # %% ../nbs/06_cli.ipynb #071f890a
+def _lower_first(text: str) -> str:
+    "Lower-case the first letter of a sentence that continues another, leaving 'CIFAR' as it is."
+    if len(text) > 1 and text[0].isupper() and text[1].islower():
+        return text[0].lower() + text[1:]
+    return text
+
+
 def load_data(module, dataset: str, data_dir, download: bool, quick: bool) -> dict:
     "Load the dataset with `load_dataset`, raising `CommandError` when it is missing or invalid."
     if dataset == "cifar10" and data_dir is None and not download:
@@ -370,25 +484,125 @@ def load_data(module, dataset: str, data_dir, download: bool, quick: bool) -> di
         if find_cifar10_dir() is None:
             raise CommandError(
                 "CIFAR-10 not found: $BNNORM_CIFAR10_DIR is not set, and neither "
-                "shared/data/cifar-10-batches-py beside the project nor the download cache "
-                "contains it. Pass --data-dir PATH, or add --download to download it.")
+                "../shared/data/cifar-10-batches-py nor ../../shared/data/cifar-10-batches-py "
+                "(relative to the current directory) nor the download cache contains it. "
+                "Pass --data-dir PATH, or add --download to download it.")
     try:
         return module.load_dataset(dataset, data_dir=data_dir, download=download, quick=quick)
     except (OSError, ValueError) as error:
-        raise CommandError(f"failed to load the {dataset} dataset: {error}") from error
+        raise CommandError(f"failed to load the {dataset} dataset: "
+                           f"{_lower_first(str(error))}") from error
+
+# %% ../nbs/06_cli.ipynb #f1f9a78f
+def resolve_cifar10_dir(data_dir):
+    "Return the CIFAR-10 directory that `load_dataset` reads for `data_dir`, or None if unknown."
+    from bnnorm.data import CIFAR10_DIRNAME, find_cifar10_dir
+
+    if data_dir is None:
+        found = find_cifar10_dir()
+        return None if found is None else Path(found)
+    path = Path(data_dir).expanduser()
+    return path / CIFAR10_DIRNAME if (path / CIFAR10_DIRNAME).is_dir() else path
+
+
+def cifar10_fingerprint(root, sample_bytes: int = 1 << 16) -> str:
+    "Hash the size and the first and last `sample_bytes` bytes of each CIFAR-10 file in `root`."
+    from bnnorm.data import CIFAR10_META_FILE, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES
+
+    digest = hashlib.sha1()
+    for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE, CIFAR10_META_FILE):
+        path = Path(root) / name
+        if not path.is_file():
+            digest.update(f"{name} missing\n".encode())
+            continue
+        size = path.stat().st_size
+        digest.update(f"{name} {size}\n".encode())
+        with open(path, "rb") as file:
+            digest.update(file.read(sample_bytes))
+            file.seek(max(0, size - sample_bytes))
+            digest.update(file.read(sample_bytes))
+    return digest.hexdigest()[:16]
+
+
+def data_identity(dataset: str, data_dir) -> dict | None:
+    "Describe the data of a sweep for its run settings, or None while CIFAR-10 is not on disk."
+    if dataset == "digits":
+        import sklearn
+
+        return {"data": f"scikit-learn {sklearn.__version__} digits"}
+
+    from bnnorm.data import CIFAR10_META_FILE
+
+    root = resolve_cifar10_dir(data_dir)
+    if root is None or not (root / CIFAR10_META_FILE).is_file():
+        return None
+    return {"data_dir": str(root.resolve()), "data_fingerprint": cifar10_fingerprint(root)}
 
 # %% ../nbs/06_cli.ipynb #35906b67
+def _missing_dirs(path: Path) -> list:
+    "List `path` and its ancestors that do not exist yet, deepest first."
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty_dirs(dirs):
+    "Remove the directories `dirs`, deepest first, stopping at the first that is not empty."
+    for path in dirs:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
 def run_sweep(names=(), dataset="digits", data_dir=None, download=False, seeds=3, epochs=None,
               jobs=1, out=DEFAULT_OUT, quick=False, log=None) -> dict:
     "Run the named experiments (default all), resuming from `out/runs`, and write the outputs."
     log = sys.stderr if log is None else log
-    check_options(dataset, data_dir, download, seeds, epochs, jobs)
+    check_options(dataset, data_dir, download, seeds, epochs, jobs, out)
     module = experiment_module()
     names = select_experiments(names, module.EXPERIMENTS)
+    out = Path(out)
+    created = _missing_dirs(out / "runs")
     runs_dir = prepare_out_dir(out)
+    lock = acquire_lock(out)
+    try:
+        return _run_locked_sweep(module, names, dataset, data_dir, download, seeds, epochs, jobs,
+                                 out, quick, log)
+    except CommandError:
+        # A failure before any run, such as missing data, leaves no empty directories behind.
+        release_lock(lock)
+        _remove_empty_dirs(created)
+        raise
+    finally:
+        release_lock(lock)
 
-    settings = {"dataset": dataset, "quick": bool(quick)}
+# %% ../nbs/06_cli.ipynb #7f1681ab
+def _run_settings(module, dataset, data_dir, download, quick):
+    "Return the settings stored with each run, and the data if they needed it loaded."
+    data = None
+    identity = data_identity(dataset, data_dir)
+    if identity is None:
+        # CIFAR-10 is not on disk yet, so --download fetches it, or load_data raises an error
+        # that names what is missing.
+        data = load_data(module, dataset, data_dir, download, quick)
+        identity = data_identity(dataset, data_dir)
+    if identity is None:
+        raise CommandError(f"failed to find the CIFAR-10 files that were loaded from "
+                           f"{data_dir or 'the default location'}. Pass --data-dir PATH.")
+    return {"dataset": dataset, "quick": bool(quick), **identity}, data
+
+
+def _run_locked_sweep(module, names, dataset, data_dir, download, seeds, epochs, jobs, out, quick,
+                      log) -> dict:
+    "Plan, resume, execute and write the sweep while this process holds the lock of `out`."
+    runs_dir = out / "runs"
+    print(f"bnnorm: planning {plural(len(names), 'experiment')} with "
+          f"{plural(seeds, 'seed')} each", file=log, flush=True)
     runs = plan_sweep(names, seeds, epochs, quick)
+    settings, data = _run_settings(module, dataset, data_dir, download, quick)
     paths = [run_file_path(runs_dir, run["experiment"], run["run_id"]) for run in runs]
     records = [load_finished_run(path, run, settings) for path, run in zip(paths, runs)]
     pending = [index for index, record in enumerate(records) if record is None]
@@ -399,10 +613,15 @@ def run_sweep(names=(), dataset="digits", data_dir=None, download=False, seeds=3
           f"{runs_dir}, {to_run if pending else 'nothing to run'}", file=log, flush=True)
 
     if pending:
-        data = load_data(module, dataset, data_dir, download, quick)
+        if data is None:
+            data = load_data(module, dataset, data_dir, download, quick)
         try:
             _execute_with_progress(runs, paths, pending, records, data, settings, jobs, log)
         except KeyboardInterrupt as interrupt:
+            # joblib has killed the workers by now, so the count is final. A worker killed while
+            # it wrote a run file leaves its temporary file, which is safe to delete under the lock.
+            for temporary in runs_dir.rglob(".*.tmp"):
+                temporary.unlink(missing_ok=True)
             saved = sum(path.exists() for path in paths)
             raise SweepInterrupted(saved, len(runs), runs_dir) from interrupt
 
@@ -444,15 +663,28 @@ def write_outputs(module, out, names, runs, records, dataset, quick, seeds, epoc
     for run, record in zip(runs, records):
         results[run["experiment"]].append(record["result"])
 
+    planned_files = {run_file_path(out / "runs", run["experiment"], run["run_id"]) for run in runs}
+    other_runs = sum(path not in planned_files for path in (out / "runs").rglob("*.json"))
+    stale_plots = [f"{name}.png" for name in module.EXPERIMENTS
+                   if name not in names and (out / f"{name}.png").exists()]
+
     plots = [save_figure(module.plot_experiment(name, results[name]), out / f"{name}.png")
              for name in names]
     rows = [row for name in names for result in results[name] for row in result["rows"]]
     table = write_results_csv(out / "results.csv", rows)
-    summary_text = compose_summary(module, names, results, dataset, quick, seeds, epochs)
+    summary_text = compose_summary(module, names, results, dataset, quick, seeds, epochs,
+                                   other_runs, stale_plots)
     summary = write_file_atomic(out / "summary.md", summary_text)
 
     print(f"bnnorm: wrote {plural(len(rows), 'row')} to {table}, the summary to {summary} and "
           f"{plural(len(plots), 'plot')} to {out}", file=log, flush=True)
+    if other_runs:
+        print(f"bnnorm: note: {out / 'runs'} also contains {plural(other_runs, 'run file')} that "
+              "this command did not plan; results.csv and summary.md leave them out",
+              file=log, flush=True)
+    if stale_plots:
+        print(f"bnnorm: note: {', '.join(stale_plots)} in {out} are from earlier commands and "
+              "were not updated", file=log, flush=True)
     return {"plots": plots, "table": table, "summary": summary,
             "rows": len(rows), "runs": len(runs)}
 
@@ -478,11 +710,18 @@ def list_experiments(stream=None) -> int:
 # %% ../nbs/06_cli.ipynb #44b7b36c
 def parse_arguments(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     "Parse `argv`, accepting experiment names after options: `run baseline --quick batch_size`."
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extras = parser.parse_known_args(argv)
-    if extras and (args.command != "run" or any(extra.startswith("-") for extra in extras)):
-        parser.parse_args(argv)  # exits with argparse's message about the unrecognized arguments
-    if extras:
-        args.experiments = [*args.experiments, *extras]
+    if not extras:
+        return args
+
+    subcommand = parser.subcommand_parsers[args.command]
+    options = [extra for extra in extras if extra.startswith("-")]
+    if options and args.command in argv and argv.index(options[0]) < argv.index(args.command):
+        parser.parse_args(argv)  # exits with the top-level usage: the option precedes COMMAND
+    if args.command != "run" or options:
+        subcommand.error(f"unrecognized arguments: {' '.join(options or extras)}")
+    args.experiments = [*args.experiments, *extras]
     return args
 
 
@@ -490,11 +729,27 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    "Exit through the subcommand parser's `error` (status 2) when `check_options` finds bad usage."
+    if args.command != "run":
+        return
+    try:
+        check_options(args.dataset, args.data_dir, args.download, args.seeds, args.epochs,
+                      args.jobs, args.out)
+    except UsageError as error:
+        parser.subcommand_parsers["run"].error(_one_line(error))
+    except CommandError:
+        # check_options checks usage first, so this is a user error such as a missing data
+        # directory: run_sweep raises it again and `main` reports it with status 1.
+        return
+
+
 def main(argv=None) -> int:
     "Run the `bnnorm` command with `argv` (default: `sys.argv[1:]`) and return its exit status."
     parser = build_parser()
     try:
         args = parse_arguments(parser, argv)
+        check_usage(parser, args)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 2
 

@@ -6,6 +6,7 @@ a small fake experiment module instead.
 """
 import csv
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,6 +16,7 @@ import time
 import types
 from pathlib import Path
 
+import psutil
 import pytest
 from matplotlib.figure import Figure
 
@@ -182,12 +184,69 @@ def assert_one_line_error(status, err, *fragments):
 
 
 @pytest.mark.parametrize("option, value", [("--seeds", 0), ("--epochs", 0), ("--jobs", 0),
-                                           ("--jobs", -1)])
-def test_out_of_range_value_exits_1(capsys, tmp_path, option, value):
+                                           ("--jobs", -1), ("--epochs", -1)])
+def test_out_of_range_value_exits_2(capsys, tmp_path, option, value):
     argv = ["run", "--quick", option, value, "--out", tmp_path / "out"]
     status, out, err = run_command(capsys, *argv)
-    assert_one_line_error(status, err, f"{option} {value} is invalid", "must be at least 1")
+    assert status == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("bnnorm run: error: "), last
+    assert f"{option} {value} is invalid" in last
+    assert "must be at least 1" in last
     assert not (tmp_path / "out").exists()
+
+
+def test_empty_out_exits_2(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_command(capsys, "run", "--quick", "--seeds", "1", "--out", "")
+    assert status == 2
+    assert "--out '' is invalid" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_run_option_shows_run_usage(capsys):
+    status, out, err = run_command(capsys, "run", "--bogus")
+    assert status == 2
+    assert "usage: bnnorm run" in err
+    assert "bnnorm run: error: unrecognized arguments: --bogus" in err
+
+
+def test_data_dir_without_cifar10_names_it(capsys):
+    status, out, err = run_command(capsys, "run", "--data-dir", ".")
+    assert status == 2
+    assert "--data-dir applies only to CIFAR-10" in err
+    assert "--download" not in err.splitlines()[-1]
+
+
+def test_data_error_leaves_no_out_dir(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "new" / "out"
+    status, _, err = run_command(capsys, "run", "baseline", "--quick", "--seeds", "1",
+                                 "--dataset", "cifar10", "--data-dir", empty, "--out", out)
+    assert status == 1, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_file_reported_as_file(capsys, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("not a directory")
+    status, _, err = run_command(capsys, "run", "--quick", "--out", target)
+    assert_one_line_error(status, err, f"{target} is a file, not a directory")
+
+
+def test_data_dir_file_reported_as_file(capsys, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("not a directory")
+    status, _, err = run_command(capsys, "run", "--dataset", "cifar10", "--data-dir", target,
+                                 "--out", tmp_path / "out")
+    assert_one_line_error(status, err, f"data directory {target} is a file, not a directory")
+
+
+def test_continued_message_lower_case():
+    assert cli._lower_first("Cannot read x") == "cannot read x"
+    assert cli._lower_first("CIFAR-10 files missing") == "CIFAR-10 files missing"
 
 
 def test_missing_data_dir_exits_1(capsys, tmp_path):
@@ -244,6 +303,85 @@ def test_changed_settings_rejected(capsys, fake, tmp_path):
     assert_one_line_error(status, err, "quick: stored False, planned True")
 
 
+@pytest.mark.parametrize("change, problem", [
+    ({"result": {"rows": "x"}}, "its result has no list of rows"),
+    ({"result": {}}, "its result has no list of rows"),
+    ({"format": 99}, "its format is 99, expected 1"),
+    ({"settings": None}, "its settings is missing or not a JSON object"),
+])
+def test_damaged_run_file_exits_1(capsys, fake, tmp_path, change, problem):
+    out = tmp_path / "out"
+    assert run_command(capsys, "run", "alpha", "--seeds", "1", "--out", out)[0] == 0
+    damaged = run_files(out)[0]
+    record = {**json.loads(damaged.read_text()), **change}
+    damaged.write_text(json.dumps({key: value for key, value in record.items()
+                                   if value is not None}))
+    status, _, err = run_command(capsys, "run", "alpha", "--seeds", "1", "--out", out)
+    assert_one_line_error(status, err, f"invalid run file {damaged}: {problem}", "Delete it")
+
+
+def test_other_data_dir_rejected(capsys, fake, tmp_path):
+    first = data.write_fake_cifar10(tmp_path / "first", num_per_batch=4)
+    second = data.write_fake_cifar10(tmp_path / "second", num_per_batch=5)
+    out = tmp_path / "out"
+    argv = ["run", "alpha", "--seeds", "1", "--dataset", "cifar10", "--out", out]
+    assert run_command(capsys, *argv, "--data-dir", first)[0] == 0
+    status, _, err = run_command(capsys, *argv, "--data-dir", second)
+    assert_one_line_error(status, err, f"{out} already contains run", "data_dir: stored")
+
+    # The same files elsewhere still differ in their directory.
+    shutil.rmtree(second)
+    shutil.copytree(first, second)
+    status, _, err = run_command(capsys, *argv, "--data-dir", second)
+    assert_one_line_error(status, err, "data_dir: stored")
+    assert "data_fingerprint" not in err
+
+
+def test_changed_data_in_place_rejected(capsys, fake, tmp_path):
+    root = data.write_fake_cifar10(tmp_path / "cifar", num_per_batch=4)
+    out = tmp_path / "out"
+    argv = ["run", "alpha", "--seeds", "1", "--dataset", "cifar10", "--data-dir", root,
+            "--out", out]
+    assert run_command(capsys, *argv)[0] == 0
+    shutil.rmtree(root)
+    data.write_fake_cifar10(root, num_per_batch=5)
+    status, _, err = run_command(capsys, *argv)
+    assert_one_line_error(status, err, "data_fingerprint: stored")
+
+
+def finished_process_id():
+    "Return the id of a process that has exited."
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_live_lock_rejected(capsys, fake, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(holder.pid).create_time()
+        (out / "bnnorm.lock").write_text(f"{holder.pid} {started!r}\n")
+        status, _, err = run_command(capsys, "run", "alpha", "--seeds", "1", "--out", out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line_error(status, err, f"another bnnorm run (pid {holder.pid}) is using {out}")
+    assert run_files(out) == []
+    assert (out / "bnnorm.lock").exists()
+
+
+def test_stale_lock_taken_over(capsys, fake, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bnnorm.lock").write_text(f"{finished_process_id()} 1000.0\n")
+    status, _, err = run_command(capsys, "run", "alpha", "--seeds", "1", "--out", out)
+    assert status == 0, err
+    assert len(run_files(out)) == 2
+    assert not (out / "bnnorm.lock").exists()
+
+
 def test_corrupt_run_file_exits_1(capsys, fake, tmp_path):
     out = tmp_path / "out"
     assert run_command(capsys, "run", "alpha", "--seeds", "1", "--out", out)[0] == 0
@@ -267,6 +405,7 @@ def test_interrupt_reports_saved_runs(capsys, fake, monkeypatch, tmp_path):
     assert len(run_files(out)) == 3
     assert not (out / "results.csv").exists()
     assert not list(out.rglob("*.tmp"))
+    assert not (out / "bnnorm.lock").exists()
 
 
 def test_resume_skips_finished_runs(capsys, fake, monkeypatch, tmp_path):
@@ -315,6 +454,22 @@ def test_unplanned_run_files_left_out(capsys, fake, tmp_path):
     assert "nothing to run" in err
     assert len(run_files(out)) == 4
     assert {row["seed"] for row in read_table(out / "results.csv")} == {"0"}
+    summary = (out / "summary.md").read_text()
+    assert "runs/ also contains 2 other run files" in summary
+    assert "They are not in results.csv" in summary
+    assert "also contains 2 run files that this command did not plan" in err
+
+
+def test_other_experiments_plots_listed(capsys, fake, tmp_path):
+    out = tmp_path / "out"
+    assert run_command(capsys, "run", "--seeds", "1", "--out", out)[0] == 0
+    status, _, err = run_command(capsys, "run", "alpha", "--seeds", "1", "--out", out)
+    assert status == 0
+    summary = (out / "summary.md").read_text()
+    assert "Plots written by this command: alpha.png" in summary
+    assert "Not updated by this command, so out of date: beta.png" in summary
+    assert "beta.png in" in err
+    assert {row["experiment"] for row in read_table(out / "results.csv")} == {"alpha"}
 
 
 def test_names_after_options_accepted(capsys, fake, tmp_path):
@@ -452,8 +607,10 @@ def test_console_script_runs(tmp_path):
 
     failed = subprocess.run([script, "run", "--seeds", "0"], capture_output=True, text=True,
                             timeout=60)
-    assert failed.returncode == 1
-    assert failed.stderr.strip().splitlines() == [failed.stderr.strip()]
+    assert failed.returncode == 2
+    lines = failed.stderr.strip().splitlines()
+    assert lines[0].startswith("usage: bnnorm run"), lines
+    assert lines[-1].startswith("bnnorm run: error: --seeds 0 is invalid"), lines
     assert "Traceback" not in failed.stderr
 
 
@@ -481,3 +638,32 @@ def test_sigint_saves_finished_runs(tmp_path):
     assert 3 <= saved < total
     assert f"interrupted; {saved} of {total} runs are saved in {out / 'runs'}" in err
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, which Windows does not have")
+def test_sigint_with_two_jobs_stops_cleanly(tmp_path):
+    out = tmp_path / "out"
+    total = len(cli.plan_sweep(["weight_scale"], seeds=1))
+    # A terminal's Ctrl-C reaches the whole foreground process group, workers included, so the
+    # command runs in its own group and the signal goes to that group.
+    argv = [console_script(), "run", "weight_scale", "--seeds", "1", "--jobs", "2",
+            "--out", str(out)]
+    command = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 90
+        while len(run_files(out)) < 3 and time.monotonic() < deadline and command.poll() is None:
+            time.sleep(0.02)
+        os.killpg(command.pid, signal.SIGINT)
+        err = command.communicate(timeout=60)[1]
+    finally:
+        command.kill()
+
+    saved = len(run_files(out))
+    assert command.returncode == 130, err
+    assert "Traceback" not in err
+    assert "psutil" not in err
+    assert 3 <= saved < total
+    assert f"interrupted; {saved} of {total} runs are saved in {out / 'runs'}" in err
+    assert not list(out.rglob("*.tmp"))
+    assert not (out / "bnnorm.lock").exists()
