@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .data import (DatasetNotFoundError, download_cifar10, find_cifar10_dir,
                          get_cifar10_data, get_digits_data)
@@ -21,10 +22,11 @@ from .solver import FullyConnectedNet, Solver, precise_batchnorm_statistics
 # %% auto #0
 __all__ = ['NORMALIZATIONS', 'BASE_CONFIG', 'QUICK_CONFIG', 'WEIGHT_SCALES', 'QUICK_WEIGHT_SCALES', 'BATCH_SIZES',
            'BATCH_SIZE_LEARNING_RATE', 'EXPERIMENTS', 'CIFAR10_SPLITS', 'QUICK_CIFAR10_SPLITS', 'ROW_COLUMNS',
-           'PRECISE_BATCH_SIZE', 'ACCURACY_LABEL', 'LOSS_LABEL', 'Experiment', 'sweep', 'get_experiment', 'make_run_id',
-           'plan_runs', 'load_dataset', 'check_config', 'build_model', 'select_samples', 'iterations_per_epoch',
-           'epoch_rows', 'compare_statistics', 'execute_run', 'seed_band', 'condition_label', 'group_runs',
-           'new_figure', 'plot_band', 'plot_experiment', 'format_stat', 'markdown_table', 'summarize_experiment']
+           'PRECISE_BATCH_SIZE', 'ACCURACY_LABEL', 'LOSS_LABEL', 'EXPLODED_LOSS', 'TIE_GAP', 'Experiment', 'sweep',
+           'get_experiment', 'make_run_id', 'plan_runs', 'load_dataset', 'check_config', 'build_model',
+           'select_samples', 'iterations_per_epoch', 'epoch_rows', 'compare_statistics', 'execute_run', 'seed_band',
+           'condition_label', 'group_runs', 'new_figure', 'plot_band', 'plot_experiment', 'format_stat',
+           'markdown_table', 'summarize_experiment']
 
 # %% ../nbs/04_experiments.ipynb #cell-6
 NORMALIZATIONS = ('none', 'batchnorm', 'layernorm')
@@ -124,6 +126,9 @@ def make_run_id(name: str, condition: dict, seed: int) -> str:
 
 # %% ../nbs/04_experiments.ipynb #cell-17
 def _check_seeds(seeds) -> list[int]:
+    if isinstance(seeds, (int, np.integer, str)) or not hasattr(seeds, '__iter__'):
+        raise TypeError(f'seeds must be a sequence of integers such as range(3) or (0, 1, 2), '
+                        f'not {type(seeds).__name__} {seeds!r}')
     seeds = list(seeds)
     if not seeds:
         raise ValueError('seeds is empty: pass at least one integer seed, for example seeds=(0,)')
@@ -216,6 +221,16 @@ def check_config(config: dict) -> None:
     if config['batch_size'] > config['num_train']:
         raise ValueError(f"run config {run_id!r}: batch_size {config['batch_size']} exceeds "
                          f"num_train {config['num_train']}, so an epoch would have no minibatch")
+    if config['num_val'] is not None and not _is_positive_int(config['num_val']):
+        raise ValueError(f"run config {run_id!r}: invalid num_val {config['num_val']!r}, "
+                         'expected a positive integer, or None for the whole validation split')
+    if config['dtype'] not in ('float32', 'float64'):
+        raise ValueError(f"run config {run_id!r}: invalid dtype {config['dtype']!r}, "
+                         "expected 'float32' or 'float64'")
+    if config['precise'] and config['normalization'] != 'batchnorm':
+        raise ValueError(f"run config {run_id!r}: precise=True needs batch norm, but normalization "
+                         f"is {config['normalization']!r}: set normalization='batchnorm' or "
+                         'precise=False')
     for key in ('learning_rate', 'weight_scale'):
         value = config[key]
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -260,8 +275,8 @@ def _num_classes(data: dict) -> int:
 # %% ../nbs/04_experiments.ipynb #cell-29
 ROW_COLUMNS = (
     'experiment', 'run_id', 'dataset', 'seed', 'normalization', 'hidden_dims', 'batch_size',
-    'weight_scale', 'learning_rate', 'momentum', 'num_train', 'num_epochs', 'epoch', 'iteration',
-    'train_acc', 'val_acc', 'loss', 'diverged',
+    'weight_scale', 'learning_rate', 'momentum', 'num_train', 'num_epochs', 'quick', 'epoch',
+    'iteration', 'train_acc', 'val_acc', 'loss', 'diverged',
     'val_acc_moving', 'val_acc_precise', 'test_acc_moving', 'test_acc_precise')
 
 PRECISE_BATCH_SIZE = 100  # samples per forward pass, which does not change the precise statistics
@@ -272,6 +287,10 @@ _CONFIG_COLUMNS = ('experiment', 'run_id', 'seed', 'normalization', 'batch_size'
 
 def iterations_per_epoch(num_train: int, batch_size: int) -> int:
     "Count the parameter updates per epoch: the `Solver` drops the last partial minibatch."
+    if not (isinstance(num_train, (int, np.integer)) and num_train >= 0):
+        raise ValueError(f'invalid num_train {num_train!r}: expected a non-negative integer')
+    if not _is_positive_int(batch_size):
+        raise ValueError(f'invalid batch_size {batch_size!r}: expected a positive integer')
     return num_train // batch_size
 
 
@@ -293,8 +312,9 @@ def epoch_rows(config: dict, solver: Solver, dataset: str | None = None,
                                                      solver.val_acc_history)):
         row = dict.fromkeys(ROW_COLUMNS)
         row.update({key: config[key] for key in _CONFIG_COLUMNS})
-        row.update(dataset=dataset, hidden_dims=','.join(map(str, config['hidden_dims'])),
-                   epoch=epoch, iteration=min(epoch * iterations, len(losses)),
+        row.update(dataset=dataset, quick=bool(config.get('quick', False)),
+                   hidden_dims=','.join(map(str, config['hidden_dims'])), epoch=epoch,
+                   iteration=min(epoch * iterations, len(losses)),
                    train_acc=float(train_acc), val_acc=float(val_acc),
                    diverged=bool(solver.diverged))
         if epoch > 0:
@@ -351,6 +371,8 @@ def seed_band(series: list) -> tuple:
     """Return the mean, min and max at each index of per-seed series, skipping missing values.
 
     A series shorter than the longest is padded with NaN, and `None` counts as missing."""
+    if len(series) == 0:
+        raise ValueError('no series: pass one list of values per seed, at least one')
     length = max((len(values) for values in series), default=0)
     table = np.full((len(series), length), np.nan)
     for i, values in enumerate(series):
@@ -416,6 +438,7 @@ def _plot_epoch_accuracy(axes, groups: dict, keys, label_keys=None):
             plot_band(ax, [_column(run, metric) for run in runs], label, marker='.')
         split = 'training' if metric == 'train_acc' else 'validation'
         ax.set(title=f'{split.capitalize()} accuracy', xlabel='epoch', ylabel=ACCURACY_LABEL)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize='small')
 
 # %% ../nbs/04_experiments.ipynb #cell-44
@@ -429,6 +452,7 @@ def _plot_baseline(results: list) -> Figure:
                   linewidth=0.8)
     ax_loss.set(title='Training loss per iteration', xlabel='iteration (parameter update)',
                 ylabel=LOSS_LABEL)
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.legend(fontsize='small')
     _plot_epoch_accuracy([ax_train, ax_val], groups, ['normalization'])
     return fig
@@ -440,20 +464,26 @@ def _final_loss(result: dict) -> float | None:
     return result['rows'][-1]['loss']
 
 
+# Distinct markers and line styles keep a line visible when another one lies on top of it.
+_WEIGHT_SCALE_STYLES = {'none': {'marker': 'o', 'linestyle': '-', 'markersize': 8},
+                        'batchnorm': {'marker': 's', 'linestyle': '--', 'markersize': 4},
+                        'layernorm': {'marker': '^', 'linestyle': ':', 'markersize': 4}}
+
+
 def _plot_weight_scale(results: list) -> Figure:
     fig = new_figure(15, 4.5)
     axes = fig.subplots(1, 3)
     metrics = [('best training accuracy', lambda r: max(_column(r, 'train_acc')), ACCURACY_LABEL),
                ('best validation accuracy', lambda r: max(_column(r, 'val_acc')), ACCURACY_LABEL),
                ('training loss in the last epoch', _final_loss, LOSS_LABEL)]
-    for normalization, runs in group_runs(results, ['normalization']).items():
+    for (normalization,), runs in group_runs(results, ['normalization']).items():
         by_scale = group_runs(runs, ['weight_scale'])
         scales = [key[0] for key in by_scale]
         label = condition_label(runs[0]['rows'][0], ['normalization'])
         for ax, (title, measure, ylabel) in zip(axes, metrics):
             per_scale = [[measure(run) for run in group] for group in by_scale.values()]
             per_seed = [list(values) for values in itertools.zip_longest(*per_scale)]
-            line = plot_band(ax, per_seed, label, x=scales, marker='o')
+            line = plot_band(ax, per_seed, label, x=scales, **_WEIGHT_SCALE_STYLES[normalization])
             diverged = [r['rows'][0]['weight_scale'] for r in runs if r['rows'][-1]['diverged']]
             if diverged:
                 ax.plot(diverged, [1.0] * len(diverged), 'x', color=line.get_color(), clip_on=False,
@@ -516,7 +546,7 @@ def _describe_results(results: list) -> str:
     first = results[0]['rows'][0]
     seeds = sorted({result['rows'][0]['seed'] for result in results})
     return (f"{first['dataset'] or 'unnamed dataset'}, {first['num_train']} training samples, "
-            f"{first['num_epochs']} epochs, {len(seeds)} seeds")
+            f"{first['num_epochs']} epochs, {len(seeds)} seed{'' if len(seeds) == 1 else 's'}")
 
 
 def _check_results(name: str, results: list) -> None:
@@ -544,11 +574,15 @@ def plot_experiment(name: str, results: list, path=None) -> Figure:
 
 # %% ../nbs/04_experiments.ipynb #cell-56
 def format_stat(values) -> str:
-    "Format numbers as 'mean ± sample std (min to max)' with 3 decimals, skipping `None` values."
+    """Format numbers as 'mean ± sample std (min to max)' with 3 decimals, skipping `None` values.
+
+    A single value is formatted alone, because a sample std of one value is undefined."""
     values = np.asarray([v for v in values if v is not None], dtype=float)
     if len(values) == 0:
         return 'n/a'
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    if len(values) == 1:
+        return f'{values[0]:.3f}'
+    std = values.std(ddof=1)
     return f'{values.mean():.3f} ± {std:.3f} ({values.min():.3f} to {values.max():.3f})'
 
 
@@ -559,6 +593,14 @@ def markdown_table(header: list, rows: list) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/04_experiments.ipynb #cell-58
+EXPLODED_LOSS = 1e3  # a run whose finite last-epoch training loss exceeds this has exploded
+TIE_GAP = 5e-4  # accuracy gaps below this print as 0.000 with 3 decimals, so they count as ties
+
+
+def _exploded(row: dict) -> bool:
+    return not row['diverged'] and row['loss'] is not None and row['loss'] > EXPLODED_LOSS
+
+
 def _condition_table(results: list, keys) -> str:
     rows = []
     for runs in group_runs(results, keys).values():
@@ -567,34 +609,58 @@ def _condition_table(results: list, keys) -> str:
                      format_stat([row['train_acc'] for row in last]),
                      format_stat([row['val_acc'] for row in last]),
                      format_stat([max(_column(run, 'val_acc')) for run in runs]),
-                     f"{sum(row['diverged'] for row in last)} of {len(last)}"])
+                     f"{sum(row['diverged'] for row in last)} of {len(last)}",
+                     f'{sum(_exploded(row) for row in last)} of {len(last)}'])
     header = ['condition', 'training accuracy, last epoch', 'validation accuracy, last epoch',
-              'best validation accuracy', 'diverged']
+              'best validation accuracy', 'diverged (non-finite loss)',
+              f'exploded (last-epoch loss > {EXPLODED_LOSS:g})']
     return markdown_table(header, rows)
 
 
-def _weight_scale_summary(results: list) -> str:
-    scale_rows, wins = [], []
-    for (scale,), runs in group_runs(results, ['weight_scale']).items():
-        by_norm = group_runs(runs, ['normalization'])
-        best, diverged = {}, {}
-        for (normalization,), group in by_norm.items():
-            best[normalization] = [max(_column(run, 'val_acc')) for run in group]
-            diverged[normalization] = sum(run['rows'][-1]['diverged'] for run in group)
-        if 'none' in best and 'batchnorm' in best:
-            wins.append((scale, np.mean(best['batchnorm']) - np.mean(best['none'])))
-        scale_rows.append([f'{scale:.3g}',
-                           format_stat(best.get('none', [])), diverged.get('none', 0),
-                           format_stat(best.get('batchnorm', [])), diverged.get('batchnorm', 0)])
+def _compare_scales(gaps: list) -> str:
+    count = len(gaps)
+    ahead = [(gap, scale) for scale, gap in gaps if gap >= TIE_GAP]
+    behind = [(gap, scale) for scale, gap in gaps if gap <= -TIE_GAP]
+    tied = count - len(ahead) - len(behind)
 
-    header = ['weight scale', 'baseline: best validation accuracy', 'baseline: diverged',
-              'batch norm: best validation accuracy', 'batch norm: diverged']
+    parts = []
+    if ahead:
+        parts.append(f'batch norm is higher at {len(ahead)} of {count} scales')
+    if behind:
+        parts.append(f'the baseline is higher at {len(behind)} of {count} scales')
+    if tied:
+        parts.append(f'the two tie at {tied} of {count} scales')
+    text = (f"In mean best validation accuracy, {', and '.join(parts)} (a gap below {TIE_GAP:g} "
+            'counts as a tie).')
+    if ahead:
+        gap, scale = max(ahead)
+        text += f' The largest lead of batch norm is {gap:+.3f}, at scale {scale:.3g}.'
+    if behind:
+        gap, scale = min(behind)
+        text += f' The largest lead of the baseline is {-gap:+.3f}, at scale {scale:.3g}.'
+    return text
+
+
+def _weight_scale_summary(results: list) -> str:
+    scale_rows, gaps = [], []
+    for (scale,), runs in group_runs(results, ['weight_scale']).items():
+        best, failed = {}, {}
+        for (normalization,), group in group_runs(runs, ['normalization']).items():
+            best[normalization] = [max(_column(run, 'val_acc')) for run in group]
+            last = [run['rows'][-1] for run in group]
+            failed[normalization] = (f"{sum(row['diverged'] for row in last)} / "
+                                     f'{sum(_exploded(row) for row in last)}')
+        if 'none' in best and 'batchnorm' in best:
+            gaps.append((scale, np.mean(best['batchnorm']) - np.mean(best['none'])))
+        scale_rows.append([f'{scale:.3g}',
+                           format_stat(best.get('none', [])), failed.get('none', 'n/a'),
+                           format_stat(best.get('batchnorm', [])), failed.get('batchnorm', 'n/a')])
+
+    header = ['weight scale', 'baseline: best validation accuracy', 'baseline: diverged / exploded',
+              'batch norm: best validation accuracy', 'batch norm: diverged / exploded']
     text = markdown_table(header, scale_rows)
-    if wins:
-        ahead = [scale for scale, gap in wins if gap > 0]
-        scale, gap = max(wins, key=lambda pair: pair[1])
-        text += (f'\n\nBatch norm has the higher mean best validation accuracy at {len(ahead)} of '
-                 f'{len(wins)} scales; the largest gap is {gap:+.3f} at scale {scale:.3g}.')
+    if gaps:
+        text += '\n\n' + _compare_scales(gaps)
     return text
 
 
@@ -614,13 +680,27 @@ def _precise_stats_summary(results: list) -> str:
     return markdown_table(header, rows)
 
 
+def _summary_intro(results: list) -> str:
+    first = results[0]['rows'][0]
+    text = ''
+    if first.get('quick'):
+        text += (f"Quick mode is a smoke test: each run trains on {first['num_train']} samples for "
+                 f"{first['num_epochs']} epochs, so most accuracies stay near chance and show that "
+                 'the code runs, not what normalization does.\n\n')
+    text += f'{_describe_results(results)}. Accuracies are fractions correct'
+    if len({result['rows'][0]['seed'] for result in results}) > 1:
+        text += ', given as mean ± sample standard deviation over seeds (min to max)'
+    return text + (f'. A run *diverged* when its training loss became infinite or NaN, which '
+                   'stops its training. It *exploded* when its loss stayed finite but the mean '
+                   f'training loss of its last epoch exceeded {EXPLODED_LOSS:g}.\n\n')
+
+
 def summarize_experiment(name: str, results: list) -> str:
     "Write the key numbers of an experiment's results as Markdown."
     _check_results(name, results)
     experiment = get_experiment(name)
     keys = list(experiment.conditions[0])
-    text = (f'## {experiment.title}\n\n{_describe_results(results)}. Accuracies are fractions '
-            'correct, given as mean ± sample standard deviation over seeds (min to max).\n\n')
+    text = f'## {experiment.title}\n\n' + _summary_intro(results)
     text += _condition_table(results, keys)
     if name == 'weight_scale':
         text += '\n\n' + _weight_scale_summary(results)
@@ -628,3 +708,4 @@ def summarize_experiment(name: str, results: list) -> str:
         text += ('\n\nAfter training, the kept model measured with its moving-average statistics '
                  'and with precise statistics:\n\n' + _precise_stats_summary(results))
     return text + '\n'
+

@@ -1,4 +1,5 @@
 """Tests of bnnorm.experiments in quick mode on the offline digits, and on CIFAR-10 when found."""
+import copy
 import json
 import math
 
@@ -297,3 +298,122 @@ def test_load_dataset_cifar10_parent_dir(cifar10_dir):
     from_parent = load_dataset('cifar10', data_dir=cifar10_dir.parent, quick=True)
     from_dir = load_dataset('cifar10', data_dir=cifar10_dir, quick=True)
     assert np.array_equal(from_parent['X_val'], from_dir['X_val'])
+
+
+def test_plan_runs_seeds_int():
+    with pytest.raises(TypeError, match=r'sequence of integers such as range\(3\)'):
+        plan_runs('baseline', seeds=3)
+
+
+def test_seed_band_empty():
+    with pytest.raises(ValueError, match='no series'):
+        experiments.seed_band([])
+
+
+@pytest.mark.parametrize('num_train, batch_size, message', [
+    (10, 0, 'invalid batch_size 0'),
+    (10, -2, 'invalid batch_size -2'),
+    (-1, 5, 'invalid num_train -1'),
+])
+def test_iterations_per_epoch_bad(num_train, batch_size, message):
+    with pytest.raises(ValueError, match=message):
+        iterations_per_epoch(num_train, batch_size)
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'precise': True}, 'precise=True needs batch norm'),
+    ({'dtype': 'int32'}, "invalid dtype 'int32'"),
+    ({'dtype': 'float16'}, "invalid dtype 'float16'"),
+    ({'num_val': 0}, 'invalid num_val 0'),
+    ({'num_val': 2.5}, 'invalid num_val 2.5'),
+])
+def test_check_config_rejects(changes, message):
+    config = plan_runs('baseline', seeds=[0], quick=True)[0]
+    assert config['normalization'] == 'none'
+    with pytest.raises(ValueError, match=message):
+        experiments.check_config(dict(config, **changes))
+
+
+def test_check_config_accepts_float64():
+    config = plan_runs('baseline', seeds=[0], quick=True)[1]
+    experiments.check_config(dict(config, dtype='float64', num_val=None))
+
+
+def _table_line(summary, label):
+    return next(line for line in summary.splitlines() if line.startswith(f'| {label} |'))
+
+
+def test_summarize_defines_diverged(quick_results):
+    summary = summarize_experiment('baseline', quick_results['baseline'])
+    assert 'non-finite' in summary
+    assert 'exploded' in summary
+
+
+def test_summarize_counts_exploded(quick_results):
+    results = copy.deepcopy(quick_results['baseline'])
+    baseline_runs = [r for r in results if r['rows'][0]['normalization'] == 'none']
+    baseline_runs[0]['rows'][-1]['loss'] = 2e7
+    summary = summarize_experiment('baseline', results)
+    assert _table_line(summary, 'baseline').endswith('| 0 of 2 | 1 of 2 |')
+    assert _table_line(summary, 'batch norm').endswith('| 0 of 2 | 0 of 2 |')
+
+
+def test_summarize_weight_scale_ties(quick_results):
+    results = copy.deepcopy(quick_results['weight_scale'])
+    for result in results:
+        for row in result['rows']:
+            row['val_acc'] = 0.1
+    summary = summarize_experiment('weight_scale', results)
+    assert 'tie at 3 of 3 scales' in summary
+    assert 'largest gap' not in summary
+    assert 'at 0 of 3 scales' not in summary
+
+
+def test_summarize_quick_mode_warning(quick_results):
+    summary = summarize_experiment('baseline', quick_results['baseline'])
+    assert summary.splitlines()[2].startswith('Quick mode is a smoke test')
+    assert 'near chance' in summary.splitlines()[2]
+
+    full = copy.deepcopy(quick_results['baseline'])
+    for result in full:
+        for row in result['rows']:
+            row['quick'] = False
+    assert 'smoke test' not in summarize_experiment('baseline', full)
+
+
+def test_summarize_one_seed(quick_results):
+    results = [r for r in quick_results['baseline'] if r['rows'][0]['seed'] == 0]
+    summary = summarize_experiment('baseline', results)
+    assert '1 seed' in summary
+    assert '1 seeds' not in summary
+    assert '±' not in summary
+    last_val = results[0]['rows'][-1]['val_acc']
+    assert f'{last_val:.3f}' in _table_line(summary, 'baseline')
+
+
+def test_format_stat_one_value():
+    assert format_stat([0.5]) == '0.500'
+    assert format_stat([0.5, None]) == '0.500'
+
+
+@pytest.mark.parametrize('name', ['baseline', 'batch_size', 'layernorm_batch_size'])
+def test_plot_integer_ticks(name, digits, quick_results):
+    results = quick_results.get(name) or [
+        execute_run(run, digits) for run in plan_runs(name, seeds=[0], quick=True)]
+    fig = plot_experiment(name, results)
+    fig.draw_without_rendering()
+    axes = [ax for ax in fig.axes if ax.get_xlabel().startswith(('epoch', 'iteration'))]
+    assert axes, f'{name}: no epoch or iteration axis'
+    for ax in axes:
+        ticks = ax.get_xticks()
+        assert np.array_equal(ticks, np.round(ticks)), f'{name}: {ax.get_xlabel()} ticks {ticks}'
+
+
+def test_plot_weight_scale_styles_differ(quick_results):
+    fig = plot_experiment('weight_scale', quick_results['weight_scale'])
+    for ax in fig.axes:
+        styles = {line.get_label().split(' (')[0]: (line.get_marker(), line.get_linestyle())
+                  for line in ax.get_lines() if 'diverged' not in line.get_label()}
+        assert set(styles) == {'baseline', 'batch norm'}
+        assert styles['baseline'][0] != styles['batch norm'][0], 'markers are the same'
+        assert styles['baseline'][1] != styles['batch norm'][1], 'line styles are the same'
