@@ -15,8 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .data import (DatasetNotFoundError, download_cifar10, find_cifar10_dir,
-                         get_cifar10_data, get_digits_data)
+from .data import (DatasetNotFoundError, cifar10_search_paths, download_cifar10,
+                         find_cifar10_dir, get_cifar10_data, get_digits_data)
 from .solver import FullyConnectedNet, Solver, precise_batchnorm_statistics
 
 # %% auto #0
@@ -184,11 +184,12 @@ def _cifar10_root(data_dir, download: bool) -> Path:
         return Path(found)
     if download:
         return Path(download_cifar10())
+    searched = ', '.join(dict.fromkeys(str(path) for path in cifar10_search_paths()))
     raise DatasetNotFoundError(
-        'CIFAR-10 not found: $BNNORM_CIFAR10_DIR is unset and no shared/data/cifar-10-batches-py '
-        'lies beside the project or in the cache directory. Pass data_dir=PATH (bnnorm run '
-        '--data-dir PATH) naming an extracted cifar-10-batches-py folder or its parent, or '
-        'download=True (--download) to fetch the archive.')
+        f'CIFAR-10 not found: $BNNORM_CIFAR10_DIR is unset and none of {searched} exists. '
+        'Pass data_dir=PATH (bnnorm run --data-dir PATH) naming an extracted '
+        'cifar-10-batches-py folder or its parent, or download=True (--download) to fetch the '
+        'archive.')
 
 
 def load_dataset(name: str, data_dir=None, download: bool = False, quick: bool = False) -> dict:
