@@ -7,7 +7,9 @@ __all__ = ['BN_PARAM_KEYS', 'BatchNormCache', 'batchnorm_forward', 'merge_moment
            'batchnorm_backward_alt', 'bn_param_from_torch', 'bn_param_from_keras']
 
 # %% ../nbs/01_batchnorm.ipynb #c003
+import math
 import numbers
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +17,8 @@ import numpy as np
 # %% ../nbs/01_batchnorm.ipynb #c006
 def _as_float(a, name):
     "Return `a` as an array: floating dtypes are kept, integers and booleans become float64."
+    if type(a) is np.ndarray and a.dtype.kind == "f":  # the common case, without np.asarray
+        return a
     a = np.asarray(a)
     if np.issubdtype(a.dtype, np.floating):
         return a
@@ -37,16 +41,21 @@ def _check_inputs(x, gamma, beta):
         raise ValueError(f"gamma has shape {gamma.shape} and beta has shape {beta.shape}, but "
                          f"both must have shape ({D},), one entry per feature of x with shape "
                          f"{x.shape}. Pass one scale and one shift per column of x.")
-    return x, gamma.astype(x.dtype, copy=False), beta.astype(x.dtype, copy=False)
+    if gamma.dtype != x.dtype or beta.dtype != x.dtype:
+        gamma, beta = gamma.astype(x.dtype, copy=False), beta.astype(x.dtype, copy=False)
+    return x, gamma, beta
 
 # %% ../nbs/01_batchnorm.ipynb #c008
 BN_PARAM_KEYS = ("mode", "eps", "momentum", "unbiased", "running_mean", "running_var",
                  "running_count", "running_mean_compensation")
+_BN_PARAM_KEY_SET = frozenset(BN_PARAM_KEYS)
 _EXACT_MODE_KEYS = ("running_count", "running_mean_compensation")
 
 
 def _is_real(value):
     "Whether `value` is a real number and not a bool."
+    if type(value) is float or type(value) is int:  # the common case, before the slower numbers.Real test
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
@@ -89,10 +98,10 @@ def _check_running_stat(bn_param, key, D):
         raise ValueError(f"bn_param[{key!r}] has shape {value.shape}, but ({D},) is expected, one "
                          "entry per feature of x. Restore it from a checkpoint of this layer, or "
                          "delete the key to start from the default.")
-    if not np.all(np.isfinite(value)):
+    if not np.isfinite(value).all():
         raise ValueError(f"bn_param[{key!r}] contains NaN or infinite entries. Restore it from a "
                          "checkpoint or delete the key to start from the default")
-    if key == "running_var" and np.any(value < 0):
+    if key == "running_var" and (value < 0).any():
         raise ValueError(f"bn_param['running_var'] contains negative entries (minimum "
                          f"{value.min()}), but a variance cannot be negative. Restore it from a "
                          "checkpoint or delete the key to start from ones")
@@ -129,8 +138,8 @@ def _check_bn_param(bn_param, D):
         raise TypeError(f"bn_param is a {type(bn_param).__name__}, but a dict such as "
                         "{'mode': 'train'} is expected. Pass a dict, because batch norm stores "
                         "its running statistics in it.")
-    unknown = sorted(map(repr, set(bn_param) - set(BN_PARAM_KEYS)))
-    if unknown:
+    if not bn_param.keys() <= _BN_PARAM_KEY_SET:
+        unknown = sorted(map(repr, bn_param.keys() - _BN_PARAM_KEY_SET))
         raise ValueError(f"bn_param has unknown keys {', '.join(unknown)}, but the known keys are "
                          f"{', '.join(BN_PARAM_KEYS)}. Correct the spelling or remove the keys.")
     mode, eps, momentum, unbiased = _check_settings(bn_param)
@@ -145,14 +154,28 @@ def _check_bn_param(bn_param, D):
     return mode, eps, momentum, unbiased
 
 
+@lru_cache(maxsize=32)
+def _ones(n, dtype):
+    "Return a read-only vector of n ones of `dtype`, made once per (n, dtype) and then reused."
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False
+    return ones
+
+
 def _fill_bn_param_defaults(bn_param, D, eps, momentum, unbiased):
     "Add the keys that a validated bn_param for D features lacks, with their default values."
-    defaults = dict(eps=eps, momentum=momentum, unbiased=unbiased, running_mean=np.zeros(D),
-                    running_var=np.ones(D))
+    bn_param.setdefault("eps", eps)
+    bn_param.setdefault("momentum", momentum)
+    bn_param.setdefault("unbiased", unbiased)
+    # An if rather than setdefault, which would build the default array even when the key exists.
+    if "running_mean" not in bn_param:
+        bn_param["running_mean"] = np.zeros(D)
+    if "running_var" not in bn_param:
+        bn_param["running_var"] = _ones(D, np.float64).copy()  # a copy is faster than np.ones
     if momentum is None:
-        defaults.update(running_count=0, running_mean_compensation=np.zeros(D))
-    for key, value in defaults.items():
-        bn_param.setdefault(key, value)
+        bn_param.setdefault("running_count", 0)
+        if "running_mean_compensation" not in bn_param:
+            bn_param["running_mean_compensation"] = np.zeros(D)
 
 # %% ../nbs/01_batchnorm.ipynb #c016b
 _BLOCK_BYTES = 1 << 20  # size of a block of rows in bytes, small enough to stay in the CPU cache
@@ -172,7 +195,7 @@ def _row_blocks(a):
 def _column_sum(x):
     "Sum x (N, D) over its rows into (D,), as BLAS products with ones on blocks of rows."
     if x.nbytes <= _BLOCK_BYTES:  # a single block needs no loop, whose overhead shows here
-        return np.ones(len(x), x.dtype) @ x
+        return _ones(len(x), x.dtype) @ x
     ones = np.ones(_rows_per_block(x), x.dtype)
     total = np.zeros(x.shape[1], x.dtype)
     for rows in _row_blocks(x):
@@ -230,8 +253,11 @@ def _centre_columns(x):
 
 def _add_shift(shift, mean_shifted):
     "Return mu = shift + mean_shifted in float64 or wider, and mu - shift in the dtype of shift."
-    mu = np.add(shift, mean_shifted, dtype=np.result_type(shift.dtype, np.float64))
-    return mu, (mu - shift).astype(shift.dtype, copy=False)
+    mu = np.add(shift, mean_shifted, dtype=np.promote_types(shift.dtype, np.float64))
+    mean_shifted = mu - shift
+    if mean_shifted.dtype != shift.dtype:
+        mean_shifted = mean_shifted.astype(shift.dtype)
+    return mu, mean_shifted
 
 # %% ../nbs/01_batchnorm.ipynb #c017
 class BatchNormCache(NamedTuple):
@@ -252,6 +278,10 @@ def _batchnorm_test_forward(x, gamma, beta, bn_param, eps):
 # %% ../nbs/01_batchnorm.ipynb #c019
 def _check_finite_statistics(mu, var):
     "Raise ValueError naming the columns of x whose batch mean mu or variance var is not finite."
+    # Any NaN or infinity in mu or var makes the product NaN or infinite, so a finite product
+    # skips the scan of the columns. A product that overflows goes on to the scan.
+    if math.isfinite(mu @ var):
+        return
     bad = np.flatnonzero(~(np.isfinite(mu) & np.isfinite(var)))
     if len(bad):
         listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
@@ -283,7 +313,7 @@ def batchnorm_forward(x, gamma, beta, bn_param):
 
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite statistics raise below
         mu, xmu, var = _centre_columns(x)  # accurate in float32 at large offsets, see Numerics
-    _check_finite_statistics(mu, var)
+        _check_finite_statistics(mu, var)
     std = np.sqrt(var + eps)
 
     out = _scale_shift(xmu, gamma / std, beta)
@@ -301,7 +331,8 @@ def _update_running_stats(bn_param, mu, var, xmu):
         _merge_running_stats(bn_param, mu, xmu)
         return
     batch_var = var * (N / (N - 1)) if bn_param["unbiased"] else var
-    mu = mu.astype(xmu.dtype)  # in the dtype of x, so that float32 running statistics stay float32
+    # In the dtype of x, so that float32 running statistics stay float32.
+    mu = mu.astype(xmu.dtype, copy=False)
     bn_param["running_mean"] = momentum * bn_param["running_mean"] + (1 - momentum) * mu
     bn_param["running_var"] = momentum * bn_param["running_var"] + (1 - momentum) * batch_var
 
@@ -352,6 +383,9 @@ def _merge_running_stats(bn_param, mu, xmu):
 # %% ../nbs/01_batchnorm.ipynb #c037
 def _check_dout(dout, cache):
     "Return dout (N, D) in the common floating dtype of dout and the cache, or raise ValueError."
+    xmu = cache.xmu
+    if type(dout) is np.ndarray and dout.dtype == xmu.dtype and dout.shape == xmu.shape:
+        return dout  # the common case, which needs no conversion
     dout = _as_float(dout, "dout")
     if dout.shape != cache.xmu.shape:
         raise ValueError(f"dout has shape {dout.shape}, but {cache.xmu.shape} is expected, the "

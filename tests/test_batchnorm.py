@@ -183,6 +183,29 @@ def test_train_rejects_overflowing_variance():
     assert bn_param == {"mode": "train"}
 
 
+def test_train_accepts_overflowing_mean_var_product():
+    # mu @ var overflows to infinity although every mean and variance is finite, so the forward
+    # pass must scan the columns rather than reject the batch.
+    x = 1e160 + 1e152 * np.arange(4.0).reshape(4, 1)
+    bn_param = {"mode": "train"}
+    out, cache = batchnorm_forward(x, np.ones(1), np.zeros(1), bn_param)
+    assert 1e160 * float(cache.std[0]) ** 2 == float("inf")  # Python floats overflow silently
+    np.testing.assert_allclose(out, reference_forward(x, np.ones(1), np.zeros(1)), rtol=1e-12)
+    assert np.isfinite(bn_param["running_var"]).all()
+
+
+def test_default_running_var_is_fresh_and_checked():
+    first, second = {"mode": "test"}, {"mode": "test"}
+    for bn_param in (first, second):
+        batchnorm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3), bn_param)
+    assert first["running_var"] is not second["running_var"]
+    first["running_var"][0] = 4.0
+    np.testing.assert_array_equal(second["running_var"], np.ones(3))
+    first["running_var"][1] = -1.0
+    with pytest.raises(ValueError, match=r"bn_param\['running_var'\] contains negative entries"):
+        batchnorm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3), first)
+
+
 def test_test_mode_passes_non_finite_x_through():
     out, _ = batchnorm_forward(np.array([[np.nan, 1.0]]), np.ones(2), np.zeros(2), {"mode": "test"})
     assert np.isnan(out[0, 0])
