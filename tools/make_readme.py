@@ -4,6 +4,8 @@ nbdev_readme needs Quarto, which cannot be installed on every machine that
 works on bnnorm, so this script renders the notebook with the standard
 library alone: Markdown cells verbatim, code cells as Python blocks, text
 outputs as plain blocks. Cells whose first line is `#| hide` are skipped.
+Image links relative to nbs/ (`](images/...`) are rewritten relative to the
+repository root, where README.md lives.
 """
 import argparse
 import json
@@ -44,16 +46,16 @@ def render(notebook_path=NOTEBOOK):
         if not source:
             continue
         if cell["cell_type"] == "markdown":
-            parts.append(source + "\n")
+            parts.append(source.replace("](images/", "](nbs/images/") + "\n")
             continue
         if cell["cell_type"] != "code" or "#| hide" in _directives(source):
             continue
         code = "\n".join(line for line in source.splitlines() if not line.startswith("#|"))
         parts.append("```python\n" + code.strip() + "\n```\n")
         outputs = [_render_output(o) for o in cell.get("outputs", [])]
-        shown = "".join(o for o in outputs if o)
-        if shown.strip():
-            parts.append("```\n" + shown.rstrip() + "\n```\n")
+        printed = "".join(o for o in outputs if o)
+        if printed.strip():
+            parts.append("```\n" + printed.rstrip() + "\n```\n")
     return HEADER + "\n".join(parts)
 
 
