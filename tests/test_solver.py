@@ -429,7 +429,7 @@ def test_loss_not_a_pair_raises(data):
 
 
 def test_failed_update_changes_nothing(data):
-    # The rule sees W1, b1, W2, b2, W3, b3 in each step, so call 14 is b1 in the third step.
+    # Each step calls the rule for W1, b1, W2, b2, W3, b3, so call 14 is b1 in the third step.
     num_params, failing_call = 6, 6 * 2 + 2
 
     def momentum_failing_on_b1(w, dw, config=None):
