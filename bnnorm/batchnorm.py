@@ -387,11 +387,11 @@ def _check_dout(dout, cache):
     if type(dout) is np.ndarray and dout.dtype == xmu.dtype and dout.shape == xmu.shape:
         return dout  # the common case, which needs no conversion
     dout = _as_float(dout, "dout")
-    if dout.shape != cache.xmu.shape:
-        raise ValueError(f"dout has shape {dout.shape}, but {cache.xmu.shape} is expected, the "
+    if dout.shape != xmu.shape:
+        raise ValueError(f"dout has shape {dout.shape}, but {xmu.shape} is expected, the "
                          "shape of the forward output. Pass the gradient with respect to the "
                          "output of the forward call that returned this cache.")
-    return dout.astype(np.result_type(cache.xmu.dtype, dout.dtype), copy=False)
+    return dout.astype(np.result_type(xmu.dtype, dout.dtype), copy=False)
 
 # %% ../nbs/01_batchnorm.ipynb #c038
 def batchnorm_backward(dout, cache):

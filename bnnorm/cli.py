@@ -127,11 +127,11 @@ def check_options(dataset: str, data_dir, download: bool, seeds: int, epochs, jo
     "Raise `UsageError` or `CommandError` when a `bnnorm run` option or combination is invalid."
     if dataset not in DATASETS:
         raise UsageError(f"invalid dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    given = [option for option, used in (("--data-dir", data_dir is not None),
-                                         ("--download", download)) if used]
-    if dataset != "cifar10" and given:
-        verb, pronoun = ("apply", "them") if len(given) > 1 else ("applies", "it")
-        raise UsageError(f"{' and '.join(given)} {verb} only to CIFAR-10, "
+    cifar_options = [option for option, used in (("--data-dir", data_dir is not None),
+                                                 ("--download", download)) if used]
+    if dataset != "cifar10" and cifar_options:
+        verb, pronoun = ("apply", "them") if len(cifar_options) > 1 else ("applies", "it")
+        raise UsageError(f"{' and '.join(cifar_options)} {verb} only to CIFAR-10, "
                          f"so add --dataset cifar10 or remove {pronoun}")
 
     counts = {

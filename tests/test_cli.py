@@ -614,26 +614,39 @@ def test_console_script_runs(tmp_path):
     assert "Traceback" not in failed.stderr
 
 
+def interrupt_after_three_runs(argv, out, group=False, wait_seconds=60):
+    """Start the command, send SIGINT once three run files exist, and return (returncode, stderr).
+
+    A child inherits an ignored SIGINT (as under a shell's `&`) and Python keeps ignoring it, so
+    the child restores the default disposition before the command starts. With `group`, the
+    command runs in its own process group and the signal goes to the whole group, as a
+    terminal's Ctrl-C reaches the workers too.
+    """
+    command = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=group,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while len(run_files(out)) < 3 and time.monotonic() < deadline and command.poll() is None:
+            time.sleep(0.02)
+        if group:
+            os.killpg(command.pid, signal.SIGINT)
+        else:
+            command.send_signal(signal.SIGINT)
+        err = command.communicate(timeout=60)[1]
+    finally:
+        command.kill()
+    return command.returncode, err
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, which Windows does not have")
 def test_sigint_saves_finished_runs(tmp_path):
     out = tmp_path / "out"
     total = len(cli.plan_sweep(["weight_scale"], seeds=1))
-    # A child inherits an ignored SIGINT (as under a shell's `&`) and Python keeps ignoring it,
-    # so the child restores the default disposition before the command starts.
     argv = [console_script(), "run", "weight_scale", "--seeds", "1", "--out", str(out)]
-    command = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 60
-        while len(run_files(out)) < 3 and time.monotonic() < deadline and command.poll() is None:
-            time.sleep(0.02)
-        command.send_signal(signal.SIGINT)
-        err = command.communicate(timeout=60)[1]
-    finally:
-        command.kill()
+    returncode, err = interrupt_after_three_runs(argv, out)
 
     saved = len(run_files(out))
-    assert command.returncode == 130, err
+    assert returncode == 130, err
     assert "Traceback" not in err
     assert 3 <= saved < total
     assert f"interrupted; {saved} of {total} runs are saved in {out / 'runs'}" in err
@@ -644,23 +657,12 @@ def test_sigint_saves_finished_runs(tmp_path):
 def test_sigint_with_two_jobs_stops_cleanly(tmp_path):
     out = tmp_path / "out"
     total = len(cli.plan_sweep(["weight_scale"], seeds=1))
-    # A terminal's Ctrl-C reaches the whole foreground process group, workers included, so the
-    # command runs in its own group and the signal goes to that group.
     argv = [console_script(), "run", "weight_scale", "--seeds", "1", "--jobs", "2",
             "--out", str(out)]
-    command = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 90
-        while len(run_files(out)) < 3 and time.monotonic() < deadline and command.poll() is None:
-            time.sleep(0.02)
-        os.killpg(command.pid, signal.SIGINT)
-        err = command.communicate(timeout=60)[1]
-    finally:
-        command.kill()
+    returncode, err = interrupt_after_three_runs(argv, out, group=True, wait_seconds=90)
 
     saved = len(run_files(out))
-    assert command.returncode == 130, err
+    assert returncode == 130, err
     assert "Traceback" not in err
     assert "psutil" not in err
     assert 3 <= saved < total
